@@ -1,0 +1,609 @@
+"""The Swintormer network: a four-level Restormer-style U-Net of shifted-window blocks.
+
+This file is the whole network, written to compute exactly the function of the authors' public
+implementation (SPEC section 1; proven against ``../shared/reference`` by
+``tests/test_swintormer_reference.py``). Parameter names are the authors' own, so their
+checkpoints load without renaming (``swintormer.models.reference_checkpoint`` only unwraps and
+validates them).
+
+Data flow for an input of 6 channels (blurry RGB then prior RGB) in [0, 1]::
+
+    x → 2x − 1 → pixel-unshuffle 2, 3×3 conv            level 1: H/2,  dim
+      → blocks → [3×3 conv c→c/2, unshuffle 2]        level 2: H/4,  2·dim
+      → blocks → …                                    level 3: H/8,  4·dim
+      → blocks → …                                    level 4: H/16, 8·dim (latent)
+      → [3×3 conv c→2c, shuffle 2] ⊕ skip → 1×1 conv → blocks   (levels 3, 2)
+      → [3×3 conv, shuffle 2] ⊕ skip (no reduction, 2·dim) → blocks → refinement blocks
+      + 1×1 conv of the embedded input → 3×3 conv to 12, shuffle 2 → + input RGB → (y + 1) / 2
+
+Each block is ``x + attn(LN(x))`` then ``x + ffn(LN(x))``. The attention cuts the map into
+w×w windows *before* its q/k/v convolutions (so the depth-wise conv sees zero padding at window
+borders) and runs two branches side by side on halves of the q/k/v channels: cosine-similarity
+window attention with a continuous position bias (Swin V2) and transposed channel attention
+(Restormer's MDTA) inside each window. Both normalise with "softmax plus one". Because windows
+are cut at every level, H and W must be multiples of ``16·window_size``; other sizes are
+reflect-padded and cropped back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from swintormer.padding import pad_to_multiple
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ATTENTION_KINDS = ("mixed", "window", "channel")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SwintormerConfig:
+    """Architecture of a Swintormer network. ``SwintormerConfig.preset("paper")`` is the
+    authors' configuration (25,177,224 parameters).
+
+    ``attention`` selects the branches of every block's attention: ``mixed`` (the paper:
+    half of the q/k/v channels to window attention, half to channel attention), ``window``
+    or ``channel`` (all channels to one branch; for the ablation of the paper's Table 6).
+    """
+
+    in_channels: int = 6
+    dim: int = 48
+    num_blocks: tuple[int, int, int, int] = (2, 4, 6, 8)
+    num_refinement_blocks: int = 4
+    heads: tuple[int, int, int, int] = (1, 2, 4, 8)
+    ffn_expansion_factor: float = 2.66
+    bias: bool = False
+    window_size: int = 16
+    attention: str = "mixed"
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __post_init__(self) -> None:
+        # Lists from JSON/YAML become tuples so that configs compare and hash by value.
+        object.__setattr__(self, "num_blocks", tuple(int(n) for n in self.num_blocks))
+        object.__setattr__(self, "heads", tuple(int(n) for n in self.heads))
+        problems = []
+        if self.in_channels < 3:
+            problems.append(f"in_channels must be at least 3 (blurry RGB), got {self.in_channels}")
+        if len(self.num_blocks) != 4 or min(self.num_blocks) < 1:
+            problems.append(f"num_blocks must be 4 positive integers, got {list(self.num_blocks)}")
+        if len(self.heads) != 4 or min(self.heads) < 1:
+            problems.append(f"heads must be 4 positive integers, got {list(self.heads)}")
+        if self.num_refinement_blocks < 0:
+            problems.append("num_refinement_blocks must be >= 0")
+        if self.window_size < 2:
+            problems.append(f"window_size must be at least 2, got {self.window_size}")
+        if self.attention not in ATTENTION_KINDS:
+            problems.append(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.dim < 2 or self.dim % 2:
+            problems.append(f"dim must be even (downsampling halves it), got {self.dim}")
+        if not problems:
+            widths = [self.dim, 2 * self.dim, 4 * self.dim, 8 * self.dim]
+            # Decoder level 1 and refinement run at 2·dim with heads[0].
+            for width, heads in [*zip(widths, self.heads), (2 * self.dim, self.heads[0])]:
+                branch = width // 2 if self.attention == "mixed" else width
+                if self.attention == "mixed" and width % 2:
+                    problems.append(f"width {width} must be even for the mixed attention split")
+                elif branch % heads:
+                    problems.append(
+                        f"{branch} attention channels at width {width} do not split into {heads} heads"
+                    )
+        if problems:
+            raise ValueError("invalid SwintormerConfig: " + "; ".join(problems))
+
+    @property
+    def size_multiple(self) -> int:
+        """Inputs are padded to a multiple of this (windows are cut at level 4, H/16)."""
+        return 16 * self.window_size
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "SwintormerConfig":
+        """A registered configuration by name, with optional field overrides."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown Swintormer preset {name!r}; known: {', '.join(sorted(cls.PRESETS))}")
+        return cls.from_dict({**cls.PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SwintormerConfig":
+        """Build from a mapping; an unknown key is an error naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown SwintormerConfig key(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["num_blocks"] = list(self.num_blocks)
+        values["heads"] = list(self.heads)
+        return values
+
+
+def register_preset(name: str, **fields: Any) -> None:
+    """Register a named configuration (validated now, so a bad preset fails at import)."""
+    SwintormerConfig(**fields)
+    SwintormerConfig.PRESETS[name] = fields
+
+
+# The authors' configuration for DPDD defocus deblurring (paper, 25.18 M parameters).
+register_preset("paper")
+# The reference test-vector configuration (../shared/reference/swintormer_tiny_config.json).
+register_preset(
+    "tiny", dim=8, num_blocks=(1, 2, 2, 2), num_refinement_blocks=2, heads=(1, 2, 2, 4), window_size=8
+)
+# A CPU-trainable configuration: the paper's shape at a third of its width and fewer blocks.
+register_preset(
+    "small", dim=16, num_blocks=(1, 2, 2, 4), num_refinement_blocks=2, heads=(1, 2, 4, 8), window_size=8
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def softmax_plus_one(scores: torch.Tensor) -> torch.Tensor:
+    """The authors' attention normalisation: ``exp(s − max) / (1 + Σ exp(s − max))`` per row.
+
+    The extra one lets a row attend to "nothing". Since the row maximum contributes exp(0) = 1
+    to the sum, ``Σ = 1 / max(softmax(s))``, so this equals ``softmax(s) / (1 + max softmax(s))``,
+    which uses PyTorch's fused softmax.
+    """
+    probs = torch.softmax(scores, dim=-1)
+    return probs / (1.0 + probs.amax(dim=-1, keepdim=True))
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of an N×C×H×W map (with bias)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.body = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def pointwise(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1×1 convolution applied to an …×C token tensor (channels last) as one matrix product.
+
+    Same maths as ``conv`` on the N×C×H×W view; as a GEMM over the channel axis it avoids
+    PyTorch's slow CPU path for 1×1 convolutions and needs no layout change.
+    """
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
+
+class GatedFeedForward(nn.Module):
+    """1×1 conv to two halves of ``int(dim·factor)`` channels, their product, 1×1 conv back.
+
+    Unlike Restormer's GDFN there is neither a depth-wise conv nor a GELU: the gate is the plain
+    product of the two halves.
+    """
+
+    def __init__(self, dim: int, ffn_expansion_factor: float, bias: bool) -> None:
+        super().__init__()
+        hidden = int(dim * ffn_expansion_factor)
+        self.project_in = nn.Conv2d(dim, 2 * hidden, kernel_size=1, bias=bias)
+        self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = pointwise(self.project_in, x.permute(0, 2, 3, 1)).chunk(2, dim=-1)
+        return pointwise(self.project_out, x1 * x2).permute(0, 3, 1, 2)
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """N×C×H×W → (N·nH·nW)×C×w×w, windows in row-major order per image."""
+    n, c, h, w = x.shape
+    x = x.view(n, c, h // window, window, w // window, window)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(-1, c, window, window)
+
+
+def shifted_window_mask(height: int, width: int, window: int, shift: int) -> torch.Tensor:
+    """Swin's mask for a map rolled by −shift: 0 within a region, −100 across regions.
+
+    Returns nW×w²×w² for an H×W map.
+    """
+    region = torch.zeros(1, 1, height, width)
+    bands = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    label = 0
+    for rows in bands:
+        for cols in bands:
+            region[:, :, rows, cols] = label
+            label += 1
+    labels = window_partition(region, window).flatten(1)  # nW × w²
+    different = labels.unsqueeze(1) != labels.unsqueeze(2)
+    return torch.zeros(different.shape).masked_fill_(different, -100.0)
+
+
+def log_spaced_relative_coords(window: int) -> torch.Tensor:
+    """Swin V2's continuous position-bias input: (2w−1)²×2 log-spaced relative offsets."""
+    offsets = torch.arange(-(window - 1), window, dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), dim=-1)
+    table = table / (window - 1) * 8
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """w²×w² index into the (2w−1)² offset table for every pair of tokens in a window."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return relative[..., 0] * (2 * window - 1) + relative[..., 1]
+
+
+class MixedWindowAttention(nn.Module):
+    """Shifted-window attention with a spatial and a channel branch ("SWDA + MDTA").
+
+    Windows are cut first; q/k/v come from a 1×1 then a 3×3 depth-wise conv *per window*.
+    With ``attention="mixed"`` the first 3c/2 q/k/v channels feed the window branch and the last
+    3c/2 the channel branch; ``window`` or ``channel`` give all 3c to one branch.
+
+    In inference the position bias (a function of the ``cpb_mlp`` weights only) plus the shift
+    mask (a function of the map size only) is cached: it is the same for every call.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, bias: bool, window_size: int, shift_size: int, attention: str = "mixed"
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.attention = attention
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False))
+        self.register_buffer("relative_coords_table", log_spaced_relative_coords(window_size), persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+        self.qkv = nn.Conv2d(dim, 3 * dim, kernel_size=1, bias=bias)
+        self.qkv_dwconv = nn.Conv2d(3 * dim, 3 * dim, kernel_size=3, padding=1, groups=3 * dim, bias=bias)
+        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+        self._cache: dict[Any, torch.Tensor] = {}
+
+    def _position_bias(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """``16·sigmoid(cpb_mlp(coords))`` for every token pair, plus the shift mask.
+
+        Returns heads×w²×w² (no shift) or nW×heads×w²×w² (shifted windows of an H×W map). In
+        inference (eval mode, no gradients) the result is cached, keyed on the MLP weights'
+        versions so that loading new weights invalidates it.
+        """
+        params = tuple(self.cpb_mlp.parameters())
+        key = (height, width, device, *((p._version, p.data_ptr()) for p in params))
+        cacheable = not self.training and not torch.is_grad_enabled()
+        if cacheable and key in self._cache:
+            return self._cache[key]
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        tokens = self.window_size**2
+        bias = table[self.relative_position_index.view(-1)].view(tokens, tokens, -1).permute(2, 0, 1)
+        bias = 16 * torch.sigmoid(bias)
+        if self.shift_size > 0:
+            mask = shifted_window_mask(height, width, self.window_size, self.shift_size).to(device)
+            bias = bias.unsqueeze(0) + mask.unsqueeze(1)
+        if cacheable:
+            if len(self._cache) > 8:  # many image sizes in one session: keep memory bounded
+                self._cache.clear()
+            self._cache[key] = bias = bias.detach().contiguous()
+        return bias
+
+    def _window_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Cosine window attention on n×heads×tokens×d tensors → n×tokens×(heads·d)."""
+        scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        scores = (F.normalize(q, dim=-1) * scale) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        bias = self._position_bias(height, width, scores.device).to(scores.dtype)
+        if bias.ndim == 4:  # one bias per window position: broadcast over the images
+            scores = scores.view(-1, *bias.shape).add_(bias).view(scores.shape)
+        else:
+            scores += bias
+        probs = torch.softmax(scores, dim=-1)
+        # softmax-plus-one = softmax / (1 + row max of softmax) (see softmax_plus_one); the
+        # per-row factor is applied after the product with v, where there are fewer entries.
+        out = (probs @ v) / (1.0 + probs.amax(dim=-1, keepdim=True))
+        return out.transpose(1, 2).flatten(2)
+
+    @staticmethod
+    def _channel_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Transposed (channel) attention on n×heads×tokens×d tensors → n×tokens×(heads·d)."""
+        q, k = F.normalize(q, dim=-2), F.normalize(k, dim=-2)  # along the token axis
+        scores = q.transpose(-2, -1) @ k  # n×heads×d×d
+        out = v @ softmax_plus_one(scores).transpose(-2, -1)  # n×heads×tokens×d
+        return out.transpose(1, 2).flatten(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, height, width = x.shape
+        window, heads = self.window_size, self.num_heads
+        # Work on channels-last tokens: every 1×1 conv is then a GEMM and the depth-wise conv
+        # runs on channels-last memory. The 1×1 qkv conv commutes with the window partition (it
+        # is per pixel), so it runs once on the whole map.
+        x = x.permute(0, 2, 3, 1)  # n×H×W×c
+        if self.shift_size > 0:
+            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+        qkv = pointwise(self.qkv, x)  # n×H×W×3c
+        qkv = qkv.view(n, height // window, window, width // window, window, 3 * c)
+        qkv = qkv.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, 3 * c)  # windows×w×w×3c
+        # Zero padding of the depth-wise conv happens at each window's border, as in the reference.
+        qkv = self.qkv_dwconv(qkv.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(-1, window * window, 3 * c)
+
+        def heads_of(t: torch.Tensor) -> list[torch.Tensor]:  # windows×tokens×3d' → 3 × windows×heads×tokens×d
+            return [u.unflatten(-1, (heads, -1)).transpose(1, 2) for u in t.chunk(3, dim=-1)]
+
+        if self.attention == "mixed":
+            qkv_window, qkv_channel = qkv.split(3 * c // 2, dim=-1)
+            out = torch.cat(
+                [self._window_branch(*heads_of(qkv_window), height, width), self._channel_branch(*heads_of(qkv_channel))],
+                dim=-1,
+            )
+        elif self.attention == "window":
+            out = self._window_branch(*heads_of(qkv), height, width)
+        else:
+            out = self._channel_branch(*heads_of(qkv))
+        out = pointwise(self.project_out, out)  # windows×tokens×c
+        out = out.view(n, height // window, width // window, window, window, c).permute(0, 1, 3, 2, 4, 5)
+        out = out.reshape(n, height, width, c)
+        if self.shift_size > 0:
+            out = torch.roll(out, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        return out.permute(0, 3, 1, 2)
+
+
+class TransformerBlock(nn.Module):
+    """``x + attn(LN(x))`` then ``x + ffn(LN(x))``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_expansion_factor: float,
+        bias: bool,
+        window_size: int,
+        shift_size: int,
+        attention: str = "mixed",
+    ) -> None:
+        super().__init__()
+        self.norm1 = ChannelLayerNorm(dim)
+        self.attn = MixedWindowAttention(dim, num_heads, bias, window_size, shift_size, attention)
+        self.norm2 = ChannelLayerNorm(dim)
+        self.ffn = GatedFeedForward(dim, ffn_expansion_factor, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """Pixel-unshuffle by 2 (C → 4C channels), then a 3×3 conv to ``dim``."""
+
+    def __init__(self, in_channels: int, dim: int, bias: bool) -> None:
+        super().__init__()
+        self.proj = nn.PixelUnshuffle(2)
+        self.proj2 = nn.Conv2d(4 * in_channels, dim, kernel_size=3, padding=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj2(self.proj(x))
+
+
+class Downsample(nn.Module):
+    """3×3 conv c → c/2, then pixel-unshuffle 2: half the resolution, twice the channels."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels // 2, kernel_size=3, padding=1, bias=False), nn.PixelUnshuffle(2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Upsample(nn.Module):
+    """3×3 conv c → 2c, then pixel-shuffle 2: twice the resolution, half the channels."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 2 * channels, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+# --------------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------------
+
+
+class Swintormer(nn.Module):
+    """The Swintormer U-Net. ``model(x)``: N×C×H×W in [0, 1] (C = ``config.in_channels``:
+    blurry RGB first, then the prior) → N×3×H×W deblurred RGB, for any H and W."""
+
+    # Stages the authors wrap in activation checkpointing (not level 1, the largest activation
+    # is cheap to keep relative to recomputing the first stage's convs).
+    CHECKPOINTED_STAGES = (
+        "encoder_level2", "encoder_level3", "latent", "decoder_level3", "decoder_level2", "decoder_level1", "refinement",
+    )
+
+    def __init__(self, config: SwintormerConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or SwintormerConfig()
+        self.gradient_checkpointing = False
+        dim, heads = config.dim, config.heads
+
+        def stage(width: int, num_heads: int, depth: int) -> nn.Sequential:
+            return nn.Sequential(*[
+                TransformerBlock(
+                    width, num_heads, config.ffn_expansion_factor, config.bias, config.window_size,
+                    shift_size=0 if i % 2 == 0 else config.window_size // 2, attention=config.attention,
+                )
+                for i in range(depth)
+            ])
+
+        self.patch_embed = PatchEmbed(config.in_channels, dim, config.bias)
+        self.encoder_level1 = stage(dim, heads[0], config.num_blocks[0])
+        self.down1_2 = Downsample(dim)
+        self.encoder_level2 = stage(2 * dim, heads[1], config.num_blocks[1])
+        self.down2_3 = Downsample(2 * dim)
+        self.encoder_level3 = stage(4 * dim, heads[2], config.num_blocks[2])
+        self.down3_4 = Downsample(4 * dim)
+        self.latent = stage(8 * dim, heads[3], config.num_blocks[3])
+
+        self.up4_3 = Upsample(8 * dim)
+        self.reduce_chan_level3 = nn.Conv2d(8 * dim, 4 * dim, kernel_size=1, bias=config.bias)
+        self.decoder_level3 = stage(4 * dim, heads[2], config.num_blocks[2])
+        self.up3_2 = Upsample(4 * dim)
+        self.reduce_chan_level2 = nn.Conv2d(4 * dim, 2 * dim, kernel_size=1, bias=config.bias)
+        self.decoder_level2 = stage(2 * dim, heads[1], config.num_blocks[1])
+        self.up2_1 = Upsample(2 * dim)
+        # Level 1 keeps the concatenated 2·dim channels: no reduction conv.
+        self.decoder_level1 = stage(2 * dim, heads[0], config.num_blocks[0])
+        self.refinement = stage(2 * dim, heads[0], config.num_refinement_blocks)
+        self.skip_conv = nn.Conv2d(dim, 2 * dim, kernel_size=1, bias=config.bias)
+        self.apply(_init_weights)
+        # Created after the init above, as in the reference, so it keeps PyTorch's default init.
+        self.output = nn.Sequential(nn.Conv2d(2 * dim, 12, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2))
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the activations of the deeper stages in the backward pass (saves memory)."""
+        self.gradient_checkpointing = enabled
+
+    def _run(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        stage = getattr(self, name)
+        if self.gradient_checkpointing and torch.is_grad_enabled() and name in self.CHECKPOINTED_STAGES:
+            return checkpoint(stage, x, use_reentrant=False)
+        return stage(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"Swintormer expects N×{self.config.in_channels}×H×W input, got shape {tuple(x.shape)}"
+            )
+        height, width = x.shape[-2:]
+        x = pad_to_multiple(2 * x - 1, self.config.size_multiple)
+        # Channels-last memory makes every block's per-pixel work (LayerNorm, 1×1 convs) run on
+        # contiguous N×H×W×C views without copies; the logical shape stays N×C×H×W.
+        x = x.contiguous(memory_format=torch.channels_last)
+
+        embedded = self.patch_embed(x)
+        enc1 = self._run("encoder_level1", embedded)
+        enc2 = self._run("encoder_level2", self.down1_2(enc1))
+        enc3 = self._run("encoder_level3", self.down2_3(enc2))
+        latent = self._run("latent", self.down3_4(enc3))
+
+        dec3 = self.reduce_chan_level3(torch.cat([self.up4_3(latent), enc3], 1))
+        dec3 = self._run("decoder_level3", dec3)
+        dec2 = self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], 1))
+        dec2 = self._run("decoder_level2", dec2)
+        dec1 = self._run("decoder_level1", torch.cat([self.up2_1(dec2), enc1], 1))
+        dec1 = self._run("refinement", dec1) + self.skip_conv(embedded)
+
+        out = self.output(dec1) + x[:, :3]
+        return ((out + 1) / 2)[:, :, :height, :width]
+
+    # ----------------------------------------------------------------------------------------
+    # Saving and loading
+    # ----------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory`` atomically.
+
+        Both files are written to a temporary folder beside ``directory``, which then replaces it:
+        a reader never sees a half-written model, and an interrupted save leaves the old one.
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, staging / WEIGHTS_NAME, metadata={"format": "pt", "model": "swintormer"})
+            config = {"model_type": "swintormer", **self.config.to_dict()}
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+                os.replace(directory, old)
+                os.replace(staging, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, directory)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Swintormer":
+        """Load a model saved by :meth:`save_pretrained`; every problem is one clear error."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model folder not found: {directory}")
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"model folder {directory} is incomplete: missing {path.name}")
+        config = load_config_file(config_path)
+        model = cls(config)
+        try:
+            state = load_file(weights_path, device=str(map_location))
+        except Exception as error:  # safetensors raises several types for damaged files
+            raise ValueError(f"cannot read weights {weights_path}: {error}") from None
+        check_state_dict(model, state, source=str(weights_path))
+        model.load_state_dict(state)
+        return model.eval()
+
+
+def load_config_file(path: str | os.PathLike) -> SwintormerConfig:
+    """Read a ``config.json`` written by :meth:`Swintormer.save_pretrained`."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read model config {path}: {error}") from None
+    if not isinstance(values, dict) or values.pop("model_type", None) != "swintormer":
+        raise ValueError(f"{path} is not a Swintormer config (model_type must be 'swintormer')")
+    try:
+        return SwintormerConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one error listing every missing, unexpected or mis-shaped key of ``state``."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k} {list(state[k].shape)} (expected {list(expected[k].shape)})"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    parts = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if names:
+            shown = ", ".join(names[:20]) + (f", … ({len(names) - 20} more)" if len(names) > 20 else "")
+            parts.append(f"{len(names)} {label}: {shown}")
+    if parts:
+        raise ValueError(f"weights in {source} do not fit the model: " + "; ".join(parts))
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,177 @@
+"""Behaviour of the Swintormer network beyond the reference vector: sizes, batches, gradients,
+variants, configuration, saving and loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swintormer.models import Swintormer, SwintormerConfig
+from swintormer.models.swintormer import softmax_plus_one
+from swintormer.padding import pad_to_multiple, reflect_pad
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Swintormer:
+    torch.manual_seed(0)
+    model = Swintormer(SwintormerConfig.preset("tiny")).eval()
+    # Perturb so that LayerNorm and biases are not at their identity initial values.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_softmax_plus_one_matches_its_definition():
+    scores = torch.randn(4, 7, 9) * 5
+    shifted = scores - scores.amax(-1, keepdim=True)
+    expected = shifted.exp() / (1 + shifted.exp().sum(-1, keepdim=True))
+    torch.testing.assert_close(softmax_plus_one(scores), expected, rtol=1e-6, atol=1e-7)
+    assert (softmax_plus_one(scores).sum(-1) < 1).all()
+
+
+def test_reflect_pad_equals_torch_where_torch_can_and_mirrors_beyond():
+    x = torch.arange(2 * 5 * 7, dtype=torch.float32).view(1, 2, 5, 7)
+    torch.testing.assert_close(reflect_pad(x, 3, 4), F.pad(x, (0, 4, 0, 3), mode="reflect"))
+    row = torch.tensor([[[[0.0, 1.0, 2.0]]]])
+    assert reflect_pad(row, 0, 7)[0, 0, 0].tolist() == [0, 1, 2, 1, 0, 1, 2, 1, 0, 1]
+    assert pad_to_multiple(torch.zeros(1, 3, 1, 1), 8).shape == (1, 3, 8, 8)
+
+
+@pytest.mark.parametrize("size", [(37, 53), (128, 128), (129, 200), (8, 300)])
+def test_any_size_is_padded_by_reflection_and_cropped_back(tiny, size):
+    x = torch.rand(1, 6, *size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        out = tiny(x)
+        padded = tiny(pad_to_multiple(x, tiny.config.size_multiple))
+    assert out.shape == (1, 3, *size)
+    torch.testing.assert_close(out, padded[:, :, : size[0], : size[1]], rtol=0, atol=1e-6)
+
+
+def test_batch_items_are_independent(tiny):
+    x = torch.rand(3, 6, 128, 256, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        batched = tiny(x)
+        single = torch.cat([tiny(x[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(3)
+    model = Swintormer(SwintormerConfig.preset("tiny")).train()
+    x = torch.rand(2, 6, 128, 128)
+    target = torch.rand(2, 3, 128, 128)
+    F.l1_loss(model(x), target).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    torch.manual_seed(4)
+    model = Swintormer(SwintormerConfig.preset("tiny")).train()
+    x = torch.rand(1, 6, 128, 128)
+    grads = []
+    for enabled in (False, True):
+        model.zero_grad()
+        model.set_gradient_checkpointing(enabled)
+        model(x).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_no_prior_variant_takes_three_channels():
+    config = SwintormerConfig.preset("tiny", in_channels=3)
+    model = Swintormer(config).eval()
+    with6 = Swintormer(SwintormerConfig.preset("tiny"))
+    assert model.patch_embed.proj2.weight.shape == (8, 12, 3, 3)
+    # Only the patch embedding differs: 3 channels × 4 (unshuffle) × 3 × 3 × dim fewer weights.
+    difference = sum(p.numel() for p in with6.parameters()) - sum(p.numel() for p in model.parameters())
+    assert difference == 3 * 4 * 9 * 8
+    with torch.inference_mode():
+        assert model(torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"expects N×3×H×W input, got shape \(1, 6, 64, 64\)"):
+        model(torch.rand(1, 6, 64, 64))
+
+
+def test_identity_at_output_conv_zero_returns_blurry_input():
+    # With the last conv zeroed the network returns its first three input channels: the global
+    # residual of the reference ((2x−1) + 0 + 1) / 2 = x.
+    model = Swintormer(SwintormerConfig.preset("tiny")).eval()
+    torch.nn.init.zeros_(model.output[0].weight)
+    x = torch.rand(1, 6, 50, 70)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), x[:, :3], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["window", "channel"])
+def test_single_branch_attention_variants(attention):
+    torch.manual_seed(5)
+    mixed = Swintormer(SwintormerConfig.preset("tiny")).eval()
+    variant = Swintormer(SwintormerConfig.preset("tiny", attention=attention)).eval()
+    # Same parameter shapes, so the same weights can be loaded: only the routing differs.
+    variant.load_state_dict(mixed.state_dict())
+    x = torch.rand(1, 6, 128, 128)
+    with torch.inference_mode():
+        assert (variant(x) - mixed(x)).abs().max() > 1e-4
+
+
+def test_inference_cache_follows_new_weights(tiny):
+    x = torch.rand(1, 6, 128, 128, generator=torch.Generator().manual_seed(6))
+    model = Swintormer(SwintormerConfig.preset("tiny")).eval()
+    with torch.inference_mode():
+        model(x)  # fills the position-bias cache with the initial weights
+    model.load_state_dict(tiny.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), tiny(x), rtol=0, atol=1e-6)
+
+
+def test_save_and_load_round_trip(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = Swintormer.from_pretrained(tmp_path / "model")
+    assert loaded.config == tiny.config and not loaded.training
+    for (name, a), (_, b) in zip(tiny.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    # Saving over an existing folder replaces it whole.
+    Swintormer(SwintormerConfig.preset("tiny", in_channels=3)).save_pretrained(tmp_path / "model")
+    assert Swintormer.from_pretrained(tmp_path / "model").config.in_channels == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_from_pretrained_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        Swintormer.from_pretrained(tmp_path / "nothing")
+    Swintormer(SwintormerConfig.preset("tiny")).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete: missing model.safetensors"):
+        Swintormer.from_pretrained(tmp_path / "m")
+    Swintormer(SwintormerConfig.preset("tiny")).save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "depth": 3}))
+    with pytest.raises(ValueError, match="unknown SwintormerConfig key"):
+        Swintormer.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "dim": 16}))
+    with pytest.raises(ValueError, match="mis-shaped"):
+        Swintormer.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read weights"):
+        Swintormer.from_pretrained(tmp_path / "m")
+
+
+def test_config_validation_and_presets():
+    paper = SwintormerConfig.preset("paper")
+    assert (paper.dim, paper.num_blocks, paper.heads, paper.window_size, paper.size_multiple) == (
+        48, (2, 4, 6, 8), (1, 2, 4, 8), 16, 256)
+    assert SwintormerConfig.from_dict(paper.to_dict()) == paper
+    assert dataclasses.replace(paper, in_channels=3).in_channels == 3
+    with pytest.raises(ValueError, match="unknown Swintormer preset 'huge'"):
+        SwintormerConfig.preset("huge")
+    with pytest.raises(ValueError, match="24 attention channels at width 48 do not split into 5 heads"):
+        SwintormerConfig(dim=48, heads=(5, 2, 4, 8))
+    with pytest.raises(ValueError, match="attention must be one of"):
+        SwintormerConfig(attention="global")
