@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from swintormer.models.layers import ChannelLayerNorm, pointwise
 from swintormer.padding import pad_to_multiple
 
 CONFIG_NAME = "config.json"
@@ -170,26 +171,6 @@ def softmax_plus_one(scores: torch.Tensor) -> torch.Tensor:
     """
     probs = torch.softmax(scores, dim=-1)
     return probs / (1.0 + probs.amax(dim=-1, keepdim=True))
-
-
-class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channels of an N×C×H×W map (with bias)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.body = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-def pointwise(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
-    """A 1×1 convolution applied to an …×C token tensor (channels last) as one matrix product.
-
-    Same maths as ``conv`` on the N×C×H×W view; as a GEMM over the channel axis it avoids
-    PyTorch's slow CPU path for 1×1 convolutions and needs no layout change.
-    """
-    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
 
 
 class GatedFeedForward(nn.Module):
