@@ -1,0 +1,261 @@
+"""Sliding-window inference at the training size (SPEC section 6).
+
+The paper runs Swintormer on overlapping windows of the size it was trained on (256, or 512 with
+stride 220 for its best figure) and averages the overlaps, instead of feeding the whole image at
+once. :class:`SlidingWindowInferencer` does that for any image size in bounded memory:
+
+* **Window placement.** Along each axis windows start at ``0, stride, 2·stride, ...`` and one last
+  window sits flush with the far border, so every pixel is covered by a full-size window and the
+  network never sees padding. Only an axis shorter than a window is reflect-padded (at its far
+  end) up to the window size; the padded part of the output is cropped away.
+* **Priors.** The prior is simply the extra channels of the input (blurry RGB then prior RGB for
+  a 6-channel model), so it is cut in exactly the same windows as the image.
+* **Blending.** ``blend="average"`` (the paper) gives every window pixel weight 1, so each output
+  pixel is the mean of the windows covering it. ``blend="feather"`` weights a window pixel by
+  ``w(i)·w(j)`` with ``w(i) = min(1, (d(i) + 1) / (tile − stride + 1))``, ``d(i)`` being the
+  distance (in pixels) of row/column ``i`` to the nearest window edge: a linear cross-fade over the
+  overlap width that is always positive, so pixels seen by a single window keep their value.
+  Because the windows form a grid (every row position combined with every column position), the
+  total weight is the outer product of two 1-D sums; no weight image is stored.
+* **Memory.** Windows are cut, run and accumulated ``batch_size`` at a time, so the working
+  memory beyond the input, the accumulator and the output grows with the window batch, not with
+  the image. The full-size buffers always live on the CPU and only window batches are moved to the
+  model's device: on a GPU, device memory is bounded by the window batch whatever the image size.
+  The accumulator is float64 (8 bytes per output value, the only full-size buffer besides the
+  input and the float32 output) so that averaging several identical window outputs returns them
+  bit-exactly: a model that returns its input gives back the input exactly, with no seams.
+* **Precision.** ``precision="bf16"`` runs the model under ``torch.autocast`` in bfloat16 on its
+  device; outputs are accumulated in float64 either way.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Literal, overload
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from swintormer.padding import reflect_pad
+
+BlendMode = Literal["average", "feather"]
+Precision = Literal["fp32", "bf16"]
+BLEND_MODES: tuple[str, ...] = ("average", "feather")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
+# Rows of the accumulator normalised and converted per step at the end, so that the float64
+# temporaries of the final division stay small next to the image.
+_FINALISE_ROWS = 64
+
+
+def window_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets of the windows along one axis of ``length`` pixels.
+
+    ``0, stride, 2·stride, ...`` while a window fits, then one window flush with the far border;
+    a single window at 0 when the axis is not longer than a window.
+    """
+    if length <= tile:
+        return [0]
+    last = length - tile
+    starts = list(range(0, last, stride))
+    starts.append(last)
+    return starts
+
+
+def feather_weights(tile: int, stride: int) -> np.ndarray:
+    """The 1-D feathered weight of a window of ``tile`` pixels (see the module docstring)."""
+    index = np.arange(tile)
+    distance_to_edge = np.minimum(index, tile - 1 - index)
+    ramp = tile - stride + 1
+    return np.minimum(1.0, (distance_to_edge + 1) / ramp)
+
+
+class SlidingWindowInferencer:
+    """Runs a model on overlapping ``tile``×``tile`` windows of an image and blends the outputs.
+
+    ``model`` maps ``N×C×tile×tile`` to ``N×C_out×tile×tile`` (a Swintormer: C = 6 with prior,
+    3 without, C_out = 3). The model is switched to eval mode; it runs under
+    ``torch.inference_mode`` on its own device (the device of its first parameter, or ``device``
+    when given, or the CPU for a model without parameters).
+
+    Call it with a CPU ``torch.Tensor`` of shape ``1×C×H×W`` (returns a float32 ``1×C_out×H×W``
+    CPU tensor) or a ``numpy`` array ``H×W×C`` (returns a float32 ``H×W×C_out`` array). Values
+    are expected in [0, 1]; they are passed to the model in float32.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tile: int = 256,
+        stride: int | None = None,
+        batch_size: int = 4,
+        blend: BlendMode = "average",
+        precision: Precision = "fp32",
+        device: torch.device | str | None = None,
+        progress: bool = True,
+        progress_description: str = "windows",
+    ) -> None:
+        if tile < 1:
+            raise ValueError(f"tile must be a positive number of pixels, got {tile}")
+        stride = default_stride(tile) if stride is None else stride
+        if not 1 <= stride <= tile:
+            # A stride above the tile would leave uncovered gaps between windows.
+            raise ValueError(f"stride must be between 1 and the tile size {tile}, got {stride}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if blend not in BLEND_MODES:
+            raise ValueError(f"blend must be one of {', '.join(BLEND_MODES)}; got {blend!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        self.model = model.eval()
+        self.tile = tile
+        self.stride = stride
+        self.batch_size = batch_size
+        self.blend = blend
+        self.precision = precision
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.progress = progress
+        self.progress_description = progress_description
+        if blend == "feather":
+            self._window_weight_1d = torch.from_numpy(feather_weights(tile, stride))
+        else:
+            self._window_weight_1d = torch.ones(tile, dtype=torch.float64)
+
+    def window_grid(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The ``(top, left)`` corner of every window for an image of ``height``×``width``."""
+        rows = window_starts(height, self.tile, self.stride)
+        cols = window_starts(width, self.tile, self.stride)
+        return [(top, left) for top in rows for left in cols]
+
+    @overload
+    def __call__(self, image: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    def __call__(self, image: np.ndarray) -> np.ndarray: ...
+
+    def __call__(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3:
+                raise ValueError(f"expected an H×W×C array, got shape {image.shape}")
+            if not np.issubdtype(image.dtype, np.floating):
+                raise ValueError(f"expected a float array with values in [0, 1], got dtype {image.dtype}")
+            if any(step < 0 for step in image.strides):
+                image = np.ascontiguousarray(image)  # torch cannot view negative strides
+            with warnings.catch_warnings():
+                # A read-only array is fine: it is only read.
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                # A channels-last view, not a copy: windows are made contiguous one at a time.
+                chw = torch.from_numpy(image).permute(2, 0, 1)
+            accumulator = self._accumulate(chw)
+            return self._finalise(accumulator, image.shape[0], image.shape[1], channels_last=True)
+        if isinstance(image, torch.Tensor):
+            if image.ndim != 4 or image.shape[0] != 1:
+                raise ValueError(f"expected a 1×C×H×W tensor, got shape {tuple(image.shape)}")
+            if not image.is_floating_point():
+                raise ValueError(f"expected a float tensor with values in [0, 1], got dtype {image.dtype}")
+            if image.device.type != "cpu":
+                raise ValueError(
+                    "the image must be a CPU tensor (full-size buffers stay on the CPU; "
+                    f"windows are moved to {self.device}); got one on {image.device}"
+                )
+            accumulator = self._accumulate(image[0])
+            output = self._finalise(accumulator, image.shape[2], image.shape[3], channels_last=False)
+            return output.unsqueeze(0)
+        raise TypeError(f"expected a torch.Tensor or numpy.ndarray, got {type(image).__name__}")
+
+    def _batches(self, image: torch.Tensor) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
+        """Window corners and the matching ``N×C×tile×tile`` float32 batch, ``batch_size`` at a time."""
+        _, height, width = image.shape
+        tile = self.tile
+        pad_bottom, pad_right = max(0, tile - height), max(0, tile - width)
+        grid = self.window_grid(height, width)
+        for first in range(0, len(grid), self.batch_size):
+            corners = grid[first : first + self.batch_size]
+            windows = [image[:, top : top + tile, left : left + tile] for top, left in corners]
+            if pad_bottom or pad_right:
+                # Only an image smaller than a window along some axis gets here.
+                windows = [reflect_pad(window, pad_bottom, pad_right) for window in windows]
+            yield corners, torch.stack(windows).to(torch.float32)
+
+    def _run_model(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            if self.precision == "bf16":
+                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+                    output = self.model(batch)
+            else:
+                output = self.model(batch)
+        if output.ndim != 4 or output.shape[0] != batch.shape[0] or output.shape[2:] != batch.shape[2:]:
+            raise ValueError(
+                f"the model turned a window batch of shape {tuple(batch.shape)} into "
+                f"{tuple(output.shape)}; expected N×C_out×{self.tile}×{self.tile}"
+            )
+        return output.to("cpu", torch.float64)
+
+    def _accumulate(self, image: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of all window outputs, a float64 ``C_out×H×W`` CPU tensor."""
+        _, height, width = image.shape
+        valid_rows, valid_cols = min(height, self.tile), min(width, self.tile)
+        window_weight = torch.outer(self._window_weight_1d, self._window_weight_1d)
+        window_weight = window_weight[:valid_rows, :valid_cols]
+        accumulator: torch.Tensor | None = None
+        total = len(self.window_grid(height, width))
+        with tqdm(
+            total=total, desc=self.progress_description, unit="win", disable=not self.progress, leave=False
+        ) as bar:
+            for corners, batch in self._batches(image):
+                outputs = self._run_model(batch)
+                if accumulator is None:
+                    accumulator = torch.zeros((outputs.shape[1], height, width), dtype=torch.float64)
+                outputs = outputs[:, :, :valid_rows, :valid_cols]
+                if self.blend == "feather":
+                    outputs = outputs * window_weight
+                for (top, left), output in zip(corners, outputs):
+                    accumulator[:, top : top + valid_rows, left : left + valid_cols] += output
+                bar.update(len(corners))
+        assert accumulator is not None  # the grid always holds at least one window
+        return accumulator
+
+    def _axis_weight_sum(self, length: int) -> torch.Tensor:
+        """Total window weight along one axis; the weight image is its outer product over rows × columns."""
+        valid = min(length, self.tile)
+        total = torch.zeros(length, dtype=torch.float64)
+        for start in window_starts(length, self.tile, self.stride):
+            total[start : start + valid] += self._window_weight_1d[:valid]
+        return total
+
+    def _finalise(
+        self, accumulator: torch.Tensor, height: int, width: int, channels_last: bool
+    ) -> torch.Tensor | np.ndarray:
+        row_weight = self._axis_weight_sum(height)
+        col_weight = self._axis_weight_sum(width)
+        channels = accumulator.shape[0]
+        if channels_last:
+            output: np.ndarray | torch.Tensor = np.empty((height, width, channels), dtype=np.float32)
+        else:
+            output = torch.empty((channels, height, width), dtype=torch.float32)
+        for top in range(0, height, _FINALISE_ROWS):
+            rows = slice(top, top + _FINALISE_ROWS)
+            weight = torch.outer(row_weight[rows], col_weight)
+            block = (accumulator[:, rows] / weight).to(torch.float32)
+            if channels_last:
+                output[rows] = block.permute(1, 2, 0).numpy()
+            else:
+                output[:, rows] = block
+        return output
+
+
+def default_stride(tile: int) -> int:
+    """The stride used when none is given: windows overlap by a quarter of their size."""
+    return max(1, tile - tile // 4)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    for buffer in model.buffers():
+        return buffer.device
+    return torch.device("cpu")
