@@ -1,0 +1,295 @@
+"""Stage two: train the Swintormer deblurring network.
+
+    accelerate launch -m pipelines.train_swintormer --config configs/swintormer/cpu_small.yaml \\
+        --data DATA_ROOT --output RUN_DIR [--max-steps N] [--resume latest|PATH] [key.sub=value ...]
+
+The same command runs on one CPU, one or many GPUs and many machines (accelerate decides the
+device and the process count). Orchestration only: the network is ``swintormer.models``, the
+losses ``swintormer.losses``, the loop ``swintormer.training``, the data ``swintormer.datasets``.
+
+``--data`` is a dataset root in any layout ``swintormer.datasets.discover_pairs`` knows. When
+it holds ``train/`` and ``test/`` (or ``val/``) sub-folders (the synthetic generator's output,
+DPDD), those are the training and validation splits; otherwise the root is the training split
+and ``data.val_root`` names the validation split. With a prior source (``data.prior``) the
+network sees ``blurry ⊕ prior`` (6 channels); ``model.in_channels=3`` trains the no-prior
+ablation from the same config (the prior is then not read).
+
+The run folder receives ``config.yaml`` (the resolved configuration), ``checkpoints/``,
+``logs/`` (``metrics.jsonl`` and TensorBoard) and, at the end, ``model/`` written with
+``save_pretrained`` (EMA weights by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from swintormer.config import (
+    ConfigError,
+    StrictModel,
+    TrainingConfig,
+    add_run_arguments,
+    load_config,
+    run_flags_from_args,
+    save_config,
+)
+from swintormer.losses import LossConfig, MissingWeightsError, build_loss
+
+VAL_SPLIT_NAMES = ("test", "val", "validation")
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class ModelSection(StrictModel):
+    preset: str = "paper"
+    in_channels: Literal[3, 6] = 6  # 6 = blurry ⊕ prior, 3 = the no-prior ablation
+    overrides: dict[str, Any] = Field(default_factory=dict)  # any SwintormerConfig field
+
+
+class PriorSection(StrictModel):
+    """Where priors come from; read only when ``model.in_channels`` is 6."""
+
+    source: Literal["none", "folder", "cache"] = "none"
+    path: Path | None = None  # prior folder (mirrors the dataset root) or prior cache folder
+    data_root: Path | None = None  # cache: the dataset root it was made from, when moved
+    expected: dict[str, str] = Field(default_factory=dict)  # cache: settings the run insists on
+
+
+class DataSection(StrictModel):
+    root: Path | None = None  # set by --data
+    val_root: Path | None = None
+    layout: Literal["auto", "dpdd", "gopro", "hide", "folder"] = "auto"
+    patch_size: int = Field(256, gt=0)
+    augment: bool = True
+    repeat: int = Field(1, ge=1)  # visits of each pair per epoch (small datasets)
+    cache_images: bool = False
+    prior: PriorSection = Field(default_factory=PriorSection)
+
+
+class ValidationSection(StrictModel):
+    mode: Literal["whole", "sliding"] = "whole"  # whole images padded by the model, or sliding windows
+    tile: int = Field(256, gt=0)
+    stride: int | None = Field(None, gt=0)
+    batch_size: int = Field(4, gt=0)
+    max_images: int | None = Field(None, gt=0)
+    ssim: bool = True
+
+
+class DebugSection(StrictModel):
+    log_sample_names: bool = False  # each process appends the names it trained on to debug/
+
+
+class SwintormerTrainConfig(StrictModel):
+    output_dir: Path | None = None  # set by --output
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainingConfig = Field(default_factory=TrainingConfig)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+    debug: DebugSection = Field(default_factory=DebugSection)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def resolve_splits(config: SwintormerTrainConfig) -> tuple[Path, Path | None]:
+    """Training and validation split folders from ``data.root`` (``--data``) and ``data.val_root``."""
+    root = config.data.root
+    if root is None:
+        raise ConfigError("no training data: pass --data DIR (or set data.root)")
+    if not root.is_dir():
+        raise ConfigError(f"--data {root}: folder not found")
+    val_root = config.data.val_root
+    if (root / "train").is_dir():
+        if val_root is None:
+            val_root = next((root / name for name in VAL_SPLIT_NAMES if (root / name).is_dir()), None)
+        return root / "train", val_root
+    return root, val_root
+
+
+def prior_source(config: SwintormerTrainConfig):
+    """The one place stage two turns ``data.prior`` into a ``swintormer.priors.PriorSource``."""
+    if config.model.in_channels == 3:
+        return None
+    prior = config.data.prior
+    if prior.source == "none":
+        raise ConfigError("model.in_channels is 6 (blurry ⊕ prior) but data.prior.source is 'none'; "
+                          "set data.prior.source/path, or model.in_channels=3 for the no-prior variant")
+    if prior.path is None:
+        raise ConfigError(f"data.prior.source is {prior.source!r} but data.prior.path is not set")
+    if prior.source == "folder":
+        from swintormer.priors import PriorFolder
+
+        return PriorFolder(prior.path, dataset_root=config.data.root)
+    from ldm_prior.cache import PriorCache
+
+    return PriorCache(prior.path, data_root=prior.data_root, expected=prior.expected or None)
+
+
+def build_model(config: SwintormerTrainConfig):
+    from swintormer.models import Swintormer, SwintormerConfig
+
+    try:
+        net_config = SwintormerConfig.preset(config.model.preset, **config.model.overrides)
+        net_config = dataclasses.replace(net_config, in_channels=config.model.in_channels)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"model: {exc}".replace("\n", " ")) from None
+    return Swintormer(net_config)
+
+
+def _pairs(split: Path, layout: str, what: str):
+    from swintormer.datasets import discover_pairs
+
+    try:
+        found = discover_pairs(split, layout)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    if found.problems:
+        print(f"warning: {what} {split}: {len(found.problems)} problem(s), first: {found.problems[0]}",
+              file=sys.stderr)
+    if not found.pairs:
+        raise ConfigError(f"{what} {split}: no image pairs found (layout {layout!r})")
+    return found.pairs
+
+
+def make_validation(config: SwintormerTrainConfig, dataset):
+    """Validation hook: mean PSNR/SSIM of the restored images and PSNR of the blurry inputs."""
+    from swintormer.metrics import psnr, ssim
+
+    settings = config.validation
+    count = len(dataset) if settings.max_images is None else min(settings.max_images, len(dataset))
+    input_scores: dict[int, float] = {}
+
+    def to_hwc(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+    def validate(model: torch.nn.Module, step: int) -> dict[str, float]:
+        device = next(model.parameters()).device
+        scores = {"psnr": [], "ssim": [], "input_psnr": []}
+        for index in range(count):
+            item = dataset[index]
+            image = item["input"].unsqueeze(0)
+            if settings.mode == "sliding":
+                from swintormer.inference import SlidingWindowInferencer
+
+                inferencer = SlidingWindowInferencer(model, tile=settings.tile, stride=settings.stride,
+                                                     batch_size=settings.batch_size, progress=False)
+                restored = inferencer(image)[0]
+                model.eval()
+            else:
+                restored = model(image.to(device))[0]
+            target = to_hwc(item["target"])
+            result = to_hwc(restored)
+            scores["psnr"].append(psnr(result, target))
+            if settings.ssim:
+                scores["ssim"].append(ssim(result, target))
+            if index not in input_scores:  # the blurry input's score never changes
+                input_scores[index] = psnr(to_hwc(item["input"][:3]), target)
+            scores["input_psnr"].append(input_scores[index])
+        return {name: float(np.mean(values)) for name, values in scores.items() if values}
+
+    return validate
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_swintormer",
+        description="Train the Swintormer deblurring network (stage two) on blurry/sharp pairs, with "
+                    "or without a diffusion prior. Run it under 'accelerate launch' for several "
+                    "processes or GPUs; the same command works on one CPU. Any config value can be "
+                    "overridden with key.sub=value (value parsed as YAML), e.g. train.batch_size=4 "
+                    "model.in_channels=3 loss.vgg.weights_path=/weights/vgg19-dcbbe01f.pth.",
+    )
+    add_run_arguments(parser)
+    return parser
+
+
+def load_run_config(argv: list[str] | None) -> tuple[SwintormerTrainConfig, Any]:
+    args = build_parser().parse_args(argv)
+    flags = run_flags_from_args(args)
+    config = load_config(SwintormerTrainConfig, flags.config, flags.overrides)
+    if flags.data is not None:
+        config.data.root = flags.data
+    if flags.output is not None:
+        config.output_dir = flags.output
+    if flags.max_steps is not None:
+        config.train.max_steps = flags.max_steps
+    if config.output_dir is None:
+        raise ConfigError("no run folder: pass --output RUN_DIR (or set output_dir)")
+    return config, flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    from swintormer.training import NonFiniteLossError, TrainingTask, make_accelerator, run_training
+
+    try:
+        config, flags = load_run_config(argv)
+        accelerator = make_accelerator(config.train)
+        train_split, val_split = resolve_splits(config)
+        source = prior_source(config)
+        loss = build_loss(config.loss)  # missing backbone files stop the run here, before training
+        from swintormer.datasets import PairedImageDataset, PairedPatchDataset
+
+        train_set = PairedPatchDataset(_pairs(train_split, config.data.layout, "training data"),
+                                       config.data.patch_size, augment=config.data.augment,
+                                       prior_source=source, seed=config.train.seed, repeat=config.data.repeat,
+                                       cache_images=config.data.cache_images)
+        validate = None
+        if val_split is not None:
+            val_set = PairedImageDataset(_pairs(val_split, config.data.layout, "validation data"),
+                                         prior_source=source, cache_images=True)
+            validate = make_validation(config, val_set)
+        torch.manual_seed(config.train.seed)  # same initial weights on every process
+        model = build_model(config)
+    except (ConfigError, MissingWeightsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        save_config(config, output_dir / "config.yaml")
+    names_log = None
+    if config.debug.log_sample_names:
+        names_log = output_dir / "debug" / f"samples_rank{accelerator.process_index}.txt"
+        names_log.parent.mkdir(parents=True, exist_ok=True)
+
+    def loss_step(net: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        if names_log is not None:
+            with open(names_log, "a", encoding="utf-8") as handle:
+                handle.write("\n".join(batch["name"]) + "\n")
+        restored = net(batch["input"]).float()
+        return loss(restored, batch["target"])
+
+    def save_final(net: torch.nn.Module, folder: Path) -> None:
+        net.save_pretrained(folder)
+
+    task = TrainingTask(model=model, loss_step=loss_step, train_dataset=train_set, aux_modules=[loss],
+                        validate=validate, save_final=save_final)
+    try:
+        result = run_training(task, config.train, output_dir, accelerator=accelerator, resume=flags.resume)
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if accelerator.is_main_process:
+        last = result.validation[-1] if result.validation else None
+        scores = f"; validation at step {last[0]}: " + ", ".join(f"{k} {v:.3f}" for k, v in last[1].items()) if last else ""
+        print(f"trained {result.step} steps; model saved to {result.final_model_dir}{scores}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
