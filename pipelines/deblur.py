@@ -294,29 +294,19 @@ def make_prior_source(args: argparse.Namespace, in_channels: int, device: torch.
     return _SampledPriors(args.prior_model, device, args.prior_steps, args.prior_seed)
 
 
-def _has_accelerator() -> bool:
-    import torch
-
-    xpu = getattr(torch, "xpu", None)
-    return bool(
-        torch.cuda.is_available()
-        or torch.backends.mps.is_available()
-        or (xpu is not None and xpu.is_available())
-    )
-
-
 def resolve_device(requested: str) -> tuple[torch.device, PartialState]:
     """The device to run on and this process's place among the launched processes.
 
-    ``PartialState(cpu=True)`` is what makes several processes on a machine without an
-    accelerator see each other (``accelerate launch --multi_gpu --num_processes N`` there);
-    without it each would believe it is alone and do every image.
+    On a machine without an accelerator the processes must ask for the CPU to see each other
+    (see ``swintormer.distributed``); otherwise each would believe it is alone and do every image.
     """
     import torch
     from accelerate import PartialState
 
+    from swintormer.distributed import process_state
+
     if requested == "auto":
-        state = PartialState(cpu=not _has_accelerator())
+        state = process_state()
         return state.device, state
     try:
         device = torch.device(requested)

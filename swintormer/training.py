@@ -64,6 +64,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
+from swintormer import distributed
 from swintormer.config import ConfigError, SchedulerConfig, TrainingConfig, write_text_atomic
 
 __all__ = [
@@ -303,8 +304,9 @@ def lr_factor_fn(config: SchedulerConfig, max_steps: int, base_lr: float) -> Cal
 
 
 def make_accelerator(config: TrainingConfig, **kwargs: Any) -> Accelerator:
-    """The run's Accelerator; device, process count and precision come from the launcher + config."""
-    return Accelerator(mixed_precision=config.mixed_precision, **kwargs)
+    """The run's Accelerator; device, process count and precision come from the launcher + config
+    (see ``swintormer.distributed`` for machines without an accelerator)."""
+    return distributed.make_accelerator(mixed_precision=config.mixed_precision, **kwargs)
 
 
 # --------------------------------------------------------------------------- checkpoints
