@@ -175,3 +175,49 @@ def test_config_validation_and_presets():
         SwintormerConfig(dim=48, heads=(5, 2, 4, 8))
     with pytest.raises(ValueError, match="attention must be one of"):
         SwintormerConfig(attention="global")
+
+
+def test_sparse_gated_family_is_a_config_switch(tmp_path):
+    from swintormer.models.sparse_gated import FrequencyGatedFeedForward, TopKChannelAttention
+
+    config = SwintormerConfig.preset("sparse_gated_tiny")
+    assert (config.block, config.attention, config.ffn, config.size_multiple) == (
+        "sparse_gated", "topk", "frequency_gated", 16)
+    torch.manual_seed(7)
+    model = Swintormer(config)
+    blocks = [m for m in model.modules() if m.__class__.__name__ == "TransformerBlock"]
+    assert blocks and all(isinstance(b.attn, TopKChannelAttention) for b in blocks)
+    assert all(isinstance(b.ffn, FrequencyGatedFeedForward) for b in blocks)
+    # Any size multiple of 16 runs unpadded; others are padded and cropped back.
+    x = torch.rand(1, 6, 48, 80)
+    F.l1_loss(model(x), torch.rand(1, 3, 48, 80)).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0] == []
+    model.eval().save_pretrained(tmp_path / "sparse")
+    loaded = Swintormer.from_pretrained(tmp_path / "sparse")
+    assert loaded.config == config
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x[:, :, :40, :50]), model(x[:, :, :40, :50]), rtol=0, atol=0)
+
+
+def test_pieces_swap_into_the_mixed_block():
+    from swintormer.models.swintormer import GatedFeedForward, MixedWindowAttention
+    from swintormer.models.sparse_gated import FrequencyGatedFeedForward, TopKChannelAttention
+
+    with_dffn = Swintormer(SwintormerConfig.preset("tiny", ffn="frequency_gated"))
+    block = with_dffn.encoder_level1[0]
+    assert isinstance(block.attn, MixedWindowAttention) and isinstance(block.ffn, FrequencyGatedFeedForward)
+    with_tksa = Swintormer(SwintormerConfig.preset("tiny", attention="topk"))
+    block = with_tksa.encoder_level1[0]
+    assert isinstance(block.attn, TopKChannelAttention) and isinstance(block.ffn, GatedFeedForward)
+    assert with_tksa.config.size_multiple == 16  # no windows left to cut
+    with pytest.raises(ValueError, match="block must be one of"):
+        SwintormerConfig(block="dense")
+    with pytest.raises(ValueError, match="ffn must be one of"):
+        SwintormerConfig(ffn="mlp")
+
+
+def test_sparse_gated_gopro_preset_has_about_the_paper_parameter_count():
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Swintormer(SwintormerConfig.preset("sparse_gated_gopro")).parameters())
+    assert params == 25_276_924
+    assert abs(params - 25_177_224) / 25_177_224 < 0.01
