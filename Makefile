@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/python tools/count_macs.py --config paper --size 256 256
+	$(BIN)/python tools/demo.py
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
