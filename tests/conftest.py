@@ -21,3 +21,23 @@ def reference_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"reference test vectors not found at {path}")
     return path
+
+
+@pytest.fixture
+def two_process_launch() -> list[str]:
+    """Command prefix that runs a module as two CPU processes under ``accelerate launch``.
+
+    accelerate 1.x starts several CPU processes only through ``--multi_gpu`` (``--cpu
+    --num_processes 2`` starts one); the pipelines then ask for the CPU themselves
+    (``swintormer.distributed``). A free port keeps parallel test workers apart.
+    """
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port),
+    ]

@@ -115,15 +115,11 @@ def test_user_errors_exit_2_before_training(synthetic, tmp_path, capsys):
     assert not (run / "checkpoints").exists()
 
 
-def test_two_processes_see_different_data_and_only_main_writes(synthetic, tmp_path):
-    """Two CPU processes (gloo). accelerate 1.x's ``launch --cpu --num_processes 2`` starts ONE
-    process unless an MPI hostfile is given, so the launch that really gives two CPU processes is
-    ``--multi_gpu`` with ``ACCELERATE_USE_CPU`` set (equivalently ``torchrun --nproc_per_node 2``)."""
+def test_two_processes_see_different_data_and_only_main_writes(synthetic, tmp_path, two_process_launch):
+    """Two CPU processes (gloo) launched as users do (see ``two_process_launch``)."""
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "pipelines.train_swintormer", "--config", TINY, "--data", str(synthetic), "--output", str(run),
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [*two_process_launch, "-m", "pipelines.train_swintormer", "--config", TINY, "--data", str(synthetic), "--output", str(run),
                "--max-steps", "2", *QUIET, "train.batch_size=2", "data.repeat=1", "train.logging.every_steps=1",
                "debug.log_sample_names=true", "validation.max_images=1"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
