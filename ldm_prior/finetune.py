@@ -1,0 +1,190 @@
+"""Stage-one fine-tuning: which parameters train (name patterns) and the loss of one step.
+
+SPEC 4: the VQ encoder and the UNet backbone (``conv_in``, time embedding, down blocks, mid
+block) stay frozen; the decoder side trains. Two objectives:
+
+* ``noise`` (default): the UNet decoder side learns the usual noise prediction. The clean
+  latent is the VQ encoding of the sharp image (upsampled 4x first in ``full`` mode, so the
+  latent has the blurry image's size); the condition is the blurry image (``full``) or its 4x
+  area-downsampled copy (``quarter``).
+* ``vq_decoder``: the VQ decoder learns to turn the frozen UNet's one-step estimate of the clean
+  latent into the sharp image: L1, plus LPIPS and the PatchGAN hinge term (taming-transformers'
+  ``NLayerDiscriminator``) when their weights are positive.
+
+A third objective, ``vq_autoencoder``, is not part of the authors' method: it trains a VQGAN
+built from random weights (encoder included) as an autoencoder of sharp images (L1), the step a
+from-scratch CPU model needs before any prior it samples can resemble an image.
+
+Parameter names carry the component prefix: ``unet.up_blocks.0.resnets.0.conv1.weight``,
+``vqvae.decoder.conv_out.bias``; patterns are shell-style (``fnmatch``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm_prior.model import PriorModel
+
+Objective = Literal["noise", "vq_decoder", "vq_autoencoder"]
+
+#: The UNet's decoder side: what the authors fine-tune by default.
+UNET_DECODER_PATTERNS: tuple[str, ...] = ("unet.up_blocks.*", "unet.conv_norm_out.*", "unet.conv_out.*")
+#: The VQ decoder (after quantisation).
+VQ_DECODER_PATTERNS: tuple[str, ...] = ("vqvae.post_quant_conv.*", "vqvae.decoder.*")
+#: Never trained, whatever the patterns say: the frozen encoder and backbone of SPEC 4.
+FROZEN_PATTERNS: tuple[str, ...] = (
+    "vqvae.encoder.*", "vqvae.quant_conv.*", "vqvae.quantize.*",
+    "unet.conv_in.*", "unet.time_embedding.*", "unet.down_blocks.*", "unet.mid_block.*",
+)
+
+
+@dataclass(frozen=True)
+class TrainableSelection:
+    """The outcome of :func:`select_trainable`."""
+
+    trainable_names: tuple[str, ...]
+    trainable_count: int
+    frozen_count: int
+
+    def describe(self) -> str:
+        return (f"trainable parameters: {self.trainable_count:,} in {len(self.trainable_names)} tensors; "
+                f"frozen: {self.frozen_count:,}")
+
+
+def select_trainable(
+    model: PriorModel, patterns: tuple[str, ...] | list[str], allow_frozen: bool = False
+) -> TrainableSelection:
+    """Set ``requires_grad`` on the parameters whose names match ``patterns`` and clear it on all
+    others. A pattern that matches nothing, or one that would train a frozen part (unless
+    ``allow_frozen``, for the from-scratch ``vq_autoencoder`` objective), is an error naming it."""
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in patterns:
+        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise ValueError(f"trainable pattern {pattern!r} matches no parameter (names look like {names[0]!r})")
+        forbidden = [name for name in matched if any(fnmatch.fnmatchcase(name, frozen) for frozen in FROZEN_PATTERNS)]
+        if forbidden and not allow_frozen:
+            raise ValueError(f"trainable pattern {pattern!r} selects {forbidden[0]!r}, part of the frozen "
+                             "VQ encoder / UNet backbone")
+    trainable, trainable_count, frozen_count = [], 0, 0
+    for name, parameter in model.named_parameters():
+        wanted = any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+        parameter.requires_grad_(wanted)
+        if wanted:
+            trainable.append(name)
+            trainable_count += parameter.numel()
+        else:
+            frozen_count += parameter.numel()
+    return TrainableSelection(tuple(trainable), trainable_count, frozen_count)
+
+
+def check_patch_size(model: PriorModel, height: int, width: int, mode: str) -> None:
+    """Training patches must fit the UNet's down/up path without padding."""
+    unit = model.config.unet_multiple * (model.config.vq_factor if mode == "quarter" else 1)
+    if height % unit or width % unit:
+        raise ValueError(f"training patches of {height}x{width} do not fit mode {mode!r}: both sides must be "
+                         f"multiples of {unit}")
+
+
+@torch.no_grad()
+def latent_target_and_condition(
+    model: PriorModel, blurry: torch.Tensor, sharp: torch.Tensor, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean latent (VQ encoding of the sharp image, before quantisation, as LDM trains) and
+    the condition, from N x 3 x H x W images in [0, 1]."""
+    factor = model.config.vq_factor
+    if mode == "full":
+        target_image = F.interpolate(sharp, scale_factor=factor, mode="bicubic", align_corners=False).clamp(0, 1)
+        condition = blurry
+    elif mode == "quarter":
+        target_image = sharp
+        condition = F.avg_pool2d(blurry, factor)
+    else:
+        raise ValueError(f"unknown conditioning mode {mode!r}")
+    latents = model.vqvae.encode(target_image * 2 - 1).latents * model.config.latent_scale
+    return latents, condition * 2 - 1
+
+
+def _noisy(scheduler, latents: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    count = scheduler.config.num_train_timesteps
+    if generator is None:
+        timesteps = torch.randint(0, count, (latents.shape[0],), device=latents.device)
+        noise = torch.randn_like(latents)
+    else:
+        timesteps = torch.randint(0, count, (latents.shape[0],), generator=generator).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+
+
+def noise_prediction_loss(
+    model: PriorModel, blurry: torch.Tensor, sharp: torch.Tensor, mode: str, scheduler,
+    generator: torch.Generator | None = None, unet: nn.Module | None = None,
+) -> torch.Tensor:
+    """MSE between the true and the predicted noise at a random timestep (DDPM training).
+    ``generator`` (CPU) fixes timesteps and noise, for a deterministic validation loss;
+    ``unet`` overrides ``model.unet`` (e.g. a DDP-wrapped one)."""
+    latents, condition = latent_target_and_condition(model, blurry, sharp, mode)
+    noisy, noise, timesteps = _noisy(scheduler, latents, generator)
+    prediction = (unet or model.unet)(torch.cat([noisy, condition], dim=1), timesteps).sample
+    return F.mse_loss(prediction.float(), noise.float())
+
+
+def vq_decoder_reconstruction(
+    model: PriorModel, blurry: torch.Tensor, sharp: torch.Tensor, mode: str, scheduler,
+    max_timestep: int = 200, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The sharp-size image (in [-1, 1]) the VQ decoder makes from the frozen UNet's one-step
+    estimate of the clean latent at a random timestep below ``max_timestep``; gradients reach
+    only the VQ decoder side."""
+    with torch.no_grad():
+        latents, condition = latent_target_and_condition(model, blurry, sharp, mode)
+        count = min(max_timestep, scheduler.config.num_train_timesteps)
+        if generator is None:
+            timesteps = torch.randint(0, count, (latents.shape[0],), device=latents.device)
+            noise = torch.randn_like(latents)
+        else:
+            timesteps = torch.randint(0, count, (latents.shape[0],), generator=generator).to(latents.device)
+            noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        predicted_noise = model.unet(torch.cat([noisy, condition], dim=1), timesteps).sample
+        alpha_bar = scheduler.alphas_cumprod.to(latents.device)[timesteps].view(-1, 1, 1, 1)
+        estimate = (noisy - (1 - alpha_bar).sqrt() * predicted_noise) / alpha_bar.sqrt()
+    decoded = model.vqvae.decode(estimate / model.config.latent_scale).sample
+    if mode == "full":
+        decoded = F.avg_pool2d(decoded, model.config.vq_factor)
+    return decoded
+
+
+def vq_autoencoder_reconstruction(model: PriorModel, sharp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VQGAN's reconstruction (in [-1, 1]) of the sharp image and its codebook/commitment
+    loss (which is what moves the codebook); gradients reach encoder, codebook and decoder."""
+    encoded = model.vqvae.encode(sharp * 2 - 1).latents
+    decoded = model.vqvae.decode(encoded)
+    return decoded.sample, decoded.commit_loss
+
+
+@torch.no_grad()
+def estimate_latent_scale(model: PriorModel, sharp_batches: list[torch.Tensor], mode: str) -> float:
+    """LDM's ``scale_by_std``: 1 / standard deviation of the (unscaled) training latents."""
+    unscaled = model.config.latent_scale
+    latents = [latent_target_and_condition(model, batch, batch, mode)[0] / unscaled for batch in sharp_batches]
+    return float(1.0 / torch.cat([latent.flatten() for latent in latents]).std().clamp_min(1e-8))
+
+
+def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """taming-transformers' hinge loss for the discriminator."""
+    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+
+
+def frozen_copy_logits(discriminator: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The discriminator's logits with its weights treated as constants, so the generator term
+    (-logits) sends gradients to the generator only; one optimizer can then step both."""
+    detached = {name: parameter.detach() for name, parameter in discriminator.named_parameters()}
+    detached.update(dict(discriminator.named_buffers()))
+    return torch.func.functional_call(discriminator, detached, (images,))

@@ -1,0 +1,219 @@
+"""``accelerate launch -m pipelines.cache_priors --prior DIR --data DIR --out CACHE``: sample the
+stage-one prior of every blurry image of a dataset and store it in a prior cache.
+
+The images are sorted by their path relative to ``--data`` and shared out round-robin between
+the processes; each image's noise comes from its own seed (the run seed and its relative name),
+so one process and many build the same cache. Entries are written atomically; a rerun (after a
+crash or ``kill -9``) skips the valid entries and makes the rest. ``--verify`` makes nothing: it
+checks every entry (present, readable, same settings as the manifest, same source hash, right
+size) and exits 1 if any is not. The cache format is described in ``ldm_prior/cache.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DATA_LAYOUTS = ("auto", "dpdd", "gopro", "hide", "folder", "images")
+
+
+class UserError(Exception):
+    """A problem with the inputs: reported on one ``error:`` line."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cache_priors",
+        description=(
+            "Sample the diffusion prior of every blurry image of a dataset with DDIM and write one "
+            "safetensors entry per image (float16 prior plus what made it) under --out. Shards over "
+            "'accelerate launch' processes; resumes an interrupted run; --verify checks a cache."
+        ),
+        epilog="Exit code: 0 done (or cache valid), 1 --verify found problems, 2 bad input.",
+    )
+    parser.add_argument("--prior", help="prior model: a diffusers-layout folder, a CompVis model.ckpt, "
+                        "or a named configuration (random weights, for tests and timing). Required "
+                        "to build; with --verify it also checks the weights fingerprint")
+    parser.add_argument("--data", type=Path, required=True, help="dataset split folder (DPDD, GoPro, HIDE "
+                        "or input/target folders), or a plain folder of blurry images with --layout images")
+    parser.add_argument("--layout", choices=DATA_LAYOUTS, default="auto",
+                        help="dataset layout (default: %(default)s); 'images' = every image directly in --data")
+    parser.add_argument("--out", type=Path, required=True, help="cache folder (created; resumed if it exists)")
+    parser.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps T (default: %(default)s)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default: %(default)s)")
+    parser.add_argument("--mode", choices=("full", "quarter"), default="full",
+                        help="conditioning: 'full' (blurry image at latent size, the authors') or "
+                        "'quarter' (4x-downsampled condition, ~16x cheaper) (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from it "
+                        "and the image's relative path (default: %(default)s)")
+    parser.add_argument("--tile", type=_positive_int, default=128, help="latent tile side (default: %(default)s)")
+    parser.add_argument("--tile-stride", type=_positive_int, default=64, help="latent tile stride (default: %(default)s)")
+    parser.add_argument("--decode-tile", type=_positive_int, default=64,
+                        help="latent tile side for VQ decoding (default: %(default)s)")
+    parser.add_argument("--decode-stride", type=_positive_int, default=48, help="VQ decoding stride (default: %(default)s)")
+    parser.add_argument("--tile-batch", type=_positive_int, default=4,
+                        help="tiles per forward pass; bounds memory (default: %(default)s)")
+    parser.add_argument("--threads", type=_positive_int, default=1,
+                        help="CPU threads per process (default: %(default)s). A CPU's results depend on the "
+                        "thread count at the last bit, so a fixed count makes the cache independent of how the "
+                        "images are shared out; use more processes (accelerate --num_processes) for more cores")
+    parser.add_argument("--verify", action="store_true", help="check every entry instead of building")
+    return parser
+
+
+def collect_images(data: Path, layout: str) -> list[Path]:
+    """The blurry images of the dataset, sorted by path."""
+    from swintormer.image_io import list_images
+
+    if not data.is_dir():
+        raise UserError(f"dataset folder not found: {data}")
+    if layout == "images":
+        images = list_images(data)
+    else:
+        from swintormer.datasets import discover_pairs
+
+        try:
+            discovery = discover_pairs(data, layout=layout, check_sizes=False)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UserError(str(exc)) from None
+        images = [pair.blurry for pair in discovery.pairs]
+    if not images:
+        raise UserError(f"{data}: no blurry images found (layout {layout!r})")
+    return sorted(images)
+
+
+def _verify(args: argparse.Namespace, images: list[Path]) -> int:
+    from ldm_prior.cache import PriorCache, PriorCacheError
+    from swintormer.datasets import image_size
+
+    expected = {"steps": str(args.steps), "eta": repr(float(args.eta)), "mode": args.mode, "seed": str(args.seed)}
+    if args.prior:
+        from ldm_prior.model import load_prior
+
+        expected["prior_fingerprint"] = load_prior(args.prior).fingerprint()
+    try:
+        cache = PriorCache(args.out, data_root=args.data, expected=expected)
+    except PriorCacheError as exc:
+        raise UserError(str(exc)) from None
+    problems = cache.problems(images)
+    for image in images:
+        entry = cache.entry_for(image)
+        if entry.is_file() and not any(str(entry) in problem for problem in problems):
+            prior = cache.prior_for(image)
+            if prior.shape[:2] != image_size(image):
+                problems.append(f"{entry}: prior is {prior.shape[0]}x{prior.shape[1]}, image is "
+                                f"{image_size(image)[0]}x{image_size(image)[1]}")
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    print(f"verified {len(images)} entries in {args.out}: {len(images) - len(problems)} valid, {len(problems)} with problems")
+    return 1 if problems else 0
+
+
+def _build(args: argparse.Namespace, images: list[Path]) -> int:
+    import torch
+
+    from ldm_prior.sampling import SamplingSettings
+    from swintormer.distributed import process_state
+
+    if args.prior is None:
+        raise UserError("--prior is required to build a cache")
+    try:
+        sampling = SamplingSettings(
+            steps=args.steps, eta=args.eta, mode=args.mode, tile=args.tile, tile_stride=args.tile_stride,
+            decode_tile=args.decode_tile, decode_stride=args.decode_stride, tile_batch=args.tile_batch,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    state = process_state()
+    threads_before = torch.get_num_threads()
+    if state.device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    try:
+        return _build_shard(args, images, state, sampling)
+    finally:
+        torch.set_num_threads(threads_before)  # main() may run inside a larger program
+
+
+def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from ldm_prior.cache import CacheSettings, PriorCacheError, PriorCacheWriter, file_sha256, prepare_cache, read_manifest, relative_name
+    from ldm_prior.model import load_prior
+    from ldm_prior.sampling import PriorSampler, image_seed
+    from swintormer.image_io import ImageReadError, read_image
+
+    try:
+        model = load_prior(args.prior)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load prior {args.prior}: {exc}") from None
+    model = model.to(state.device)
+    settings = CacheSettings(prior_fingerprint=model.fingerprint(), sampling=sampling.as_metadata(), seed=args.seed)
+    failure = None
+    if state.is_main_process:
+        try:
+            prepare_cache(args.out, settings, args.data)
+        except PriorCacheError as exc:
+            failure = str(exc)
+    state.wait_for_everyone()
+    if failure:
+        raise UserError(failure)
+    try:  # every process checks, so none writes into a cache the main process refused
+        found = read_manifest(args.out)["settings"]
+    except PriorCacheError as exc:
+        raise UserError(str(exc)) from None
+    if found != settings.as_metadata():
+        raise UserError(f"{args.out}: existing cache was made with other settings; use another --out")
+
+    writer = PriorCacheWriter(args.out, args.data, settings)
+    sampler = PriorSampler(model, sampling)
+    shard = images[state.process_index :: state.num_processes]
+    made = skipped = 0
+    failed: list[str] = []
+    bar = tqdm(shard, desc=f"priors [{state.process_index}]", unit="img", disable=not state.is_main_process)
+    for image_path in bar:
+        source_hash = file_sha256(image_path)
+        if writer.is_valid(image_path, source_hash):
+            skipped += 1
+            continue
+        try:
+            pixels = read_image(image_path).pixels
+        except ImageReadError as exc:
+            failed.append(str(exc))
+            continue
+        seed = image_seed(args.seed, relative_name(image_path, args.data))
+        with torch.inference_mode():
+            prior = sampler.sample(pixels, seed)
+        writer.write(image_path, prior, source_hash, seed)
+        made += 1
+    for problem in failed:
+        print(f"error: {problem}", file=sys.stderr)
+    print(f"process {state.process_index}/{state.num_processes}: {made} priors made, {skipped} already valid, "
+          f"{len(failed)} failed")
+    state.wait_for_everyone()
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        images = collect_images(args.data, args.layout)
+        return _verify(args, images) if args.verify else _build(args, images)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

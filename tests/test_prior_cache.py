@@ -1,0 +1,145 @@
+"""The prior cache: building it with the pipeline, reading it as stage two's PriorSource,
+resuming, verifying, and refusing stale or mismatched entries, and two processes building the
+same cache as one. (Kill -9 at random moments is checked by tools/check_cache_kill_resume.py;
+see its recorded result in BENCHMARKS.md.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_prior.cache import PriorCache, PriorCacheError, encode_entry, read_entry
+from ldm_prior.model import PriorModel
+from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed
+from pipelines.cache_priors import main as cache_priors
+from swintormer.datasets import PairedImageDataset, discover_pairs
+from swintormer.image_io import read_image, write_image
+from swintormer.priors import PriorMissingError, PriorSource
+
+SIZES = [(23, 31), (18, 40), (33, 20)]
+ARGS = ["--steps", "2", "--mode", "quarter", "--seed", "9"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("cache")
+    photo = data.coffee().astype(np.float32) / 255
+    for index, (height, width) in enumerate(SIZES):
+        sharp = photo[50 * index : 50 * index + height, 70 : 70 + width]
+        write_image(root / "data" / "target" / f"p{index}.png", sharp)
+        write_image(root / "data" / "input" / f"p{index}.png", (sharp + np.roll(sharp, 1, axis=1)) / 2)
+    PriorModel.from_config("tiny", seed=2).save_pretrained(root / "prior")
+    assert cache_priors(["--prior", str(root / "prior"), "--data", str(root / "data"), "--out", str(root / "cache"), *ARGS]) == 0
+    return {"root": root, "data": root / "data", "prior": root / "prior", "cache": root / "cache"}
+
+
+def _entries(cache: Path) -> dict[str, bytes]:
+    return {p.relative_to(cache).as_posix(): p.read_bytes() for p in sorted((cache / "entries").rglob("*.safetensors"))}
+
+
+def _run(setup, out: Path, *extra: str) -> int:
+    return cache_priors(["--prior", str(setup["prior"]), "--data", str(setup["data"]), "--out", str(out), *ARGS, *extra])
+
+
+def test_entries_hold_the_sampled_prior_in_float16_with_metadata(setup) -> None:
+    cache = PriorCache(setup["cache"])
+    assert isinstance(cache, PriorSource)
+    model = PriorModel.from_pretrained(setup["prior"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the pipeline's default thread count (results depend on it at the last bit)
+    try:
+        sampler = PriorSampler(model, SamplingSettings(steps=2, mode="quarter"))
+        for index, (height, width) in enumerate(SIZES):
+            blurry = setup["data"] / "input" / f"p{index}.png"
+            prior = cache.prior_for(blurry)
+            assert prior.shape == (height, width, 3) and prior.dtype == np.float32
+            direct = sampler.sample(read_image(blurry).pixels, image_seed(9, f"input/p{index}.png"))
+            assert np.array_equal(prior, direct.astype(np.float16).astype(np.float32))
+    finally:
+        torch.set_num_threads(threads)
+    _, metadata = read_entry(cache.entry_for(setup["data"] / "input" / "p0.png"))
+    assert metadata["steps"] == "2" and metadata["mode"] == "quarter" and metadata["seed"] == "9"
+    assert metadata["prior_fingerprint"] == model.fingerprint() and len(metadata["source_sha256"]) == 64
+    manifest = json.loads((setup["cache"] / "manifest.json").read_text())
+    assert manifest["settings"]["prior_fingerprint"] == model.fingerprint()
+
+
+def test_two_processes_build_the_same_cache_as_one(setup, tmp_path, two_process_launch) -> None:
+    out = tmp_path / "two"
+    command = [*two_process_launch, "-m", "pipelines.cache_priors", "--prior", str(setup["prior"]),
+               "--data", str(setup["data"]), "--out", str(out), *ARGS]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # Both processes took part (the three images are shared out round-robin)…
+    assert "process 0/2: 2 priors made" in done.stdout and "process 1/2: 1 priors made" in done.stdout
+    # …and the result is the one-process cache, byte for byte.
+    assert _entries(out) == _entries(setup["cache"])
+    assert (out / "manifest.json").read_bytes() == (setup["cache"] / "manifest.json").read_bytes()
+
+
+def test_entry_bytes_do_not_depend_on_metadata_order() -> None:
+    prior = np.random.default_rng(0).random((4, 5, 3), dtype=np.float32)
+    assert encode_entry(prior, {"a": "1", "b": "2"}) == encode_entry(prior, {"b": "2", "a": "1"})
+
+
+def test_stage_two_dataset_reads_the_cached_prior(setup) -> None:
+    pairs = discover_pairs(setup["data"]).pairs
+    dataset = PairedImageDataset(pairs, prior_source=PriorCache(setup["cache"]))
+    item = dataset[1]
+    assert item["input"].shape[0] == 6
+    expected = PriorCache(setup["cache"]).prior_for(pairs[1].blurry)
+    assert np.allclose(item["input"][3:].permute(1, 2, 0).numpy(), expected)
+
+
+def test_rerun_skips_valid_entries_and_remakes_damaged_ones(setup, capsys) -> None:
+    out = setup["root"] / "resume"
+    assert _run(setup, out) == 0
+    reference = _entries(out)
+    assert reference == _entries(setup["cache"])  # same settings, same bytes
+    entries = sorted((out / "entries").rglob("*.safetensors"))
+    entries[0].unlink()
+    entries[1].write_bytes(entries[1].read_bytes()[:100])  # a damaged file
+    capsys.readouterr()
+    assert _run(setup, out, "--verify") == 1
+    problems = capsys.readouterr().err
+    assert "missing" in problems and "unreadable" in problems
+    untouched = entries[2].stat().st_mtime_ns
+    assert _run(setup, out) == 0
+    assert "2 priors made, 1 already valid" in capsys.readouterr().out
+    assert entries[2].stat().st_mtime_ns == untouched
+    assert _entries(out) == reference
+    assert _run(setup, out, "--verify") == 0
+
+
+def test_reader_refuses_other_settings_and_changed_sources(setup, capsys, tmp_path) -> None:
+    with pytest.raises(PriorCacheError, match="steps is '2', expected '50'"):
+        PriorCache(setup["cache"], expected={"steps": 50})
+    assert _run(setup, setup["cache"], "--steps", "3") == 2  # last --steps wins: 3
+    assert "error:" in capsys.readouterr().err
+    # A copy of the dataset whose first image has changed since the cache was made.
+    import shutil
+
+    moved = tmp_path / "data"
+    shutil.copytree(setup["data"], moved)
+    write_image(moved / "input" / "p0.png", np.zeros((23, 31, 3), np.float32))
+    cache = PriorCache(setup["cache"], data_root=moved)
+    with pytest.raises(PriorCacheError, match="changed since its prior was made"):
+        cache.prior_for(moved / "input" / "p0.png")
+    assert cache.prior_for(moved / "input" / "p1.png").shape == (18, 40, 3)
+    with pytest.raises(PriorMissingError, match="no prior in cache"):
+        cache.prior_for(moved / "target" / "p1.png")
+
+
+def test_bad_command_lines_exit_with_one_error_line(setup, capsys, tmp_path) -> None:
+    assert cache_priors(["--prior", str(setup["prior"]), "--data", str(tmp_path / "none"), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "none" in err and err.count("\n") == 1
+    assert cache_priors(["--prior", str(tmp_path / "no_prior"), "--data", str(setup["data"]), "--out", str(tmp_path / "c")]) == 2
+    assert "prior not found" in capsys.readouterr().err

@@ -1,0 +1,146 @@
+"""Stage-one fine-tuning: trainable-parameter selection by name patterns, frozen parameters that
+stay frozen, both objectives' loss steps, and the train_prior pipeline on the shared engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_prior.finetune import (
+    UNET_DECODER_PATTERNS,
+    noise_prediction_loss,
+    select_trainable,
+)
+from ldm_prior.model import PriorModel
+from pipelines.train_prior import PriorTrainConfig, PriorTrainer
+from pipelines.train_prior import main as train_prior
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _images(batch: int, side: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    from skimage import data
+
+    photo = torch.from_numpy(data.astronaut() / 255.0).float().permute(2, 0, 1)
+    generator = torch.Generator().manual_seed(seed)
+    crops = []
+    for _ in range(batch):
+        top, left = (int(v) for v in torch.randint(0, 512 - side, (2,), generator=generator))
+        crops.append(photo[:, top : top + side, left : left + side])
+    sharp = torch.stack(crops)
+    blurry = torch.nn.functional.avg_pool2d(sharp, 3, stride=1, padding=1, count_include_pad=False)
+    return blurry, sharp
+
+
+def test_default_selection_is_the_unet_decoder_side() -> None:
+    model = PriorModel.from_config("tiny", seed=0)
+    selection = select_trainable(model, UNET_DECODER_PATTERNS)
+    decoder_side = sum(p.numel() for n, p in model.unet.named_parameters() if n.startswith(("up_blocks", "conv_norm_out", "conv_out")))
+    total = sum(p.numel() for p in model.parameters())
+    assert selection.trainable_count == decoder_side
+    assert selection.trainable_count + selection.frozen_count == total
+    assert all(name.startswith("unet.up_blocks.") or name.startswith("unet.conv_") for name in selection.trainable_names)
+    assert not model.unet.conv_in.weight.requires_grad and not model.vqvae.encoder.conv_in.weight.requires_grad
+    assert f"{decoder_side:,}" in selection.describe()
+
+
+def test_patterns_that_match_nothing_or_the_frozen_backbone_are_refused() -> None:
+    model = PriorModel.from_config("tiny", seed=0)
+    with pytest.raises(ValueError, match="'unet.decoder.\\*' matches no parameter"):
+        select_trainable(model, ["unet.decoder.*"])
+    with pytest.raises(ValueError, match="frozen"):
+        select_trainable(model, ["unet.*"] + ["vqvae.encoder.*"])
+    # Models built from random weights may train their backbone too, when asked explicitly.
+    selection = select_trainable(model, ["unet.*"], allow_frozen=True)
+    assert selection.trainable_count == sum(p.numel() for p in model.unet.parameters())
+
+
+@pytest.mark.parametrize("objective,patterns", [("noise", None), ("vq_decoder", None)])
+def test_frozen_parameters_do_not_change_while_the_rest_trains(objective: str, patterns) -> None:
+    config = PriorTrainConfig(objective=objective, mode="quarter", loss={"gan": 0.5})
+    model = PriorModel.from_config("tiny", seed=0)
+    from ldm_prior.finetune import VQ_DECODER_PATTERNS
+
+    select_trainable(model, UNET_DECODER_PATTERNS if objective == "noise" else VQ_DECODER_PATTERNS)
+    trainer = PriorTrainer(model, config)
+    before = {name: tensor.clone() for name, tensor in trainer.state_dict().items()}
+    trainable = {name for name, p in trainer.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in trainer.parameters() if p.requires_grad], lr=1e-3)
+    blurry, sharp = _images(2, 32)
+    for _ in range(2):
+        loss, logs = trainer(blurry, sharp)
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = trainer.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    # The discriminator's batch-norm statistics move too; everything else that moved must train.
+    changed -= {name for name in changed if name.startswith("discriminator.") and ("running_" in name or "num_batches" in name)}
+    assert changed and changed <= trainable  # nothing frozen moved
+    assert any(name.startswith("prior.") for name in changed)
+    if objective == "vq_decoder":
+        assert {"l1", "gan_g", "gan_d"} <= set(logs)
+        assert any(name.startswith("discriminator.") for name in changed)
+        assert all(name.startswith(("prior.vqvae.decoder.", "prior.vqvae.post_quant_conv.", "discriminator."))
+                   for name in changed)
+
+
+def test_validation_noise_loss_is_deterministic_with_a_generator() -> None:
+    model = PriorModel.from_config("tiny", seed=0)
+    blurry, sharp = _images(2, 32)
+    scheduler = model.ddpm_scheduler()
+    with torch.no_grad():
+        first = noise_prediction_loss(model, blurry, sharp, "quarter", scheduler, generator=torch.Generator().manual_seed(3))
+        second = noise_prediction_loss(model, blurry, sharp, "quarter", scheduler, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, second)
+
+
+@pytest.fixture(scope="module")
+def synthetic_data(tmp_path_factory) -> Path:
+    from swintormer.image_io import write_image
+
+    root = tmp_path_factory.mktemp("prior_data")
+    rng = np.random.default_rng(0)
+    from skimage import data
+
+    photo = data.chelsea().astype(np.float32) / 255
+    for split, count in (("train", 4), ("test", 2)):
+        for index in range(count):
+            top, left = rng.integers(0, 200, size=2)
+            sharp = photo[top : top + 40, left : left + 40]
+            blurry = (sharp + np.roll(sharp, 1, 0) + np.roll(sharp, 1, 1)) / 3
+            write_image(root / split / "target" / f"{split}{index}.png", sharp)
+            write_image(root / split / "input" / f"{split}{index}.png", blurry)
+    return root
+
+
+def test_pipeline_trains_only_the_selected_parameters_and_saves_a_loadable_prior(synthetic_data, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    code = train_prior(["--config", str(REPO / "configs/prior/cpu_tiny.yaml"), "--data", str(synthetic_data),
+                        "--output", str(out), "--max-steps", "3", "validation.noise_draws=2",
+                        "train.logging.progress_bar=false"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "trainable parameters:" in printed and "frozen:" in printed and "noise_loss" in printed
+    trained = PriorModel.from_pretrained(out / "model")
+    initial = PriorModel.from_config("tiny", seed=0)
+    frozen_equal = [torch.equal(a, b) for (name, a), (_, b) in zip(initial.named_parameters(), trained.named_parameters())
+                    if not name.startswith(("unet.up_blocks", "unet.conv_norm_out", "unet.conv_out"))]
+    assert frozen_equal and all(frozen_equal)
+    assert not torch.equal(initial.unet.conv_out.weight, trained.unet.conv_out.weight)
+    assert (out / "checkpoints").is_dir() and (out / "config.yaml").is_file()
+
+
+def test_pipeline_refuses_bad_configuration(synthetic_data, tmp_path, capsys) -> None:
+    code = train_prior(["--config", str(REPO / "configs/prior/cpu_tiny.yaml"), "--data", str(synthetic_data),
+                        "--output", str(tmp_path / "run"), "objektive=noise"])
+    assert code == 2
+    assert "objektive" in capsys.readouterr().err
+    code = train_prior(["--config", str(REPO / "configs/prior/cpu_tiny.yaml"), "--data", str(synthetic_data),
+                        "--output", str(tmp_path / "run"), "data.patch_size=30"])
+    assert code == 2
+    assert "multiples of 16" in capsys.readouterr().err
