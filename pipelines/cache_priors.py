@@ -15,21 +15,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipelines.cli import positive_int
+
 DATA_LAYOUTS = ("auto", "dpdd", "gopro", "hide", "folder", "images")
 
 
 class UserError(Exception):
     """A problem with the inputs: reported on one ``error:`` line."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,21 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layout", choices=DATA_LAYOUTS, default="auto",
                         help="dataset layout (default: %(default)s); 'images' = every image directly in --data")
     parser.add_argument("--out", type=Path, required=True, help="cache folder (created; resumed if it exists)")
-    parser.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps T (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=50, help="DDIM steps T (default: %(default)s)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default: %(default)s)")
     parser.add_argument("--mode", choices=("full", "quarter"), default="full",
                         help="conditioning: 'full' (blurry image at latent size, the authors') or "
                         "'quarter' (4x-downsampled condition, ~16x cheaper) (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from it "
                         "and the image's relative path (default: %(default)s)")
-    parser.add_argument("--tile", type=_positive_int, default=128, help="latent tile side (default: %(default)s)")
-    parser.add_argument("--tile-stride", type=_positive_int, default=64, help="latent tile stride (default: %(default)s)")
-    parser.add_argument("--decode-tile", type=_positive_int, default=64,
+    parser.add_argument("--tile", type=positive_int, default=128, help="latent tile side (default: %(default)s)")
+    parser.add_argument("--tile-stride", type=positive_int, default=64, help="latent tile stride (default: %(default)s)")
+    parser.add_argument("--decode-tile", type=positive_int, default=64,
                         help="latent tile side for VQ decoding (default: %(default)s)")
-    parser.add_argument("--decode-stride", type=_positive_int, default=48, help="VQ decoding stride (default: %(default)s)")
-    parser.add_argument("--tile-batch", type=_positive_int, default=4,
+    parser.add_argument("--decode-stride", type=positive_int, default=48, help="VQ decoding stride (default: %(default)s)")
+    parser.add_argument("--tile-batch", type=positive_int, default=4,
                         help="tiles per forward pass; bounds memory (default: %(default)s)")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="CPU threads per process (default: %(default)s). A CPU's results depend on the "
                         "thread count at the last bit, so a fixed count makes the cache independent of how the "
                         "images are shared out; use more processes (accelerate --num_processes) for more cores")

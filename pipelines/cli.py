@@ -7,6 +7,7 @@ modules are imported only when their subcommand is used so that ``--help`` stays
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -17,6 +18,17 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-prior": ("pipelines.train_prior", "fine-tune the latent-diffusion prior (stage one)"),
     "cache-priors": ("pipelines.cache_priors", "sample and cache the prior of every image of a dataset"),
 }
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: a clear message for anything but an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _usage() -> str:

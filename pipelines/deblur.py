@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from pipelines.cli import positive_int
+
 if TYPE_CHECKING:
     import torch
     from accelerate import PartialState
@@ -64,16 +66,6 @@ class Plan:
     problems: list[str] = field(default_factory=list)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swintormer deblur",
@@ -97,12 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, metavar="DIR",
                         help="model folder with config.json and model.safetensors (default: the shipped "
                         "model, %(default)s)")
-    parser.add_argument("--tile", type=_positive_int, default=256,
+    parser.add_argument("--tile", type=positive_int, default=256,
                         help="window size in pixels; use the training patch size (default: %(default)s)")
-    parser.add_argument("--stride", type=_positive_int, default=None,
+    parser.add_argument("--stride", type=positive_int, default=None,
                         help="distance between window starts, at most --tile; smaller means more overlap, "
                         "better and slower (default: 3/4 of the tile; the paper's best: --tile 512 --stride 220)")
-    parser.add_argument("--batch", type=_positive_int, default=4,
+    parser.add_argument("--batch", type=positive_int, default=4,
                         help="windows per forward pass; memory grows with it (default: %(default)s)")
     parser.add_argument("--blend", choices=("average", "feather"), default="average",
                         help="how overlaps are combined: plain mean (the paper) or a linear cross-fade "
@@ -121,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prior-folder", type=Path, metavar="DIR",
                         help="read each image's prior from DIR/<image stem>.safetensors|.png|.tif "
                         "(priors made by another tool)")
-    priors.add_argument("--prior-steps", type=_positive_int, default=50,
+    priors.add_argument("--prior-steps", type=positive_int, default=50,
                         help="DDIM steps when sampling with --prior-model (default: %(default)s, the paper's T)")
     priors.add_argument("--prior-seed", type=int, default=0,
                         help="seed for --prior-model sampling; each image's noise comes from this seed "

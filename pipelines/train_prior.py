@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ldm_prior.finetune import UNET_DECODER_PATTERNS, VQ_DECODER_PATTERNS, check_patch_size, select_trainable
     from swintormer.datasets import PairedImageDataset, PairedPatchDataset
-    from swintormer.training import NonFiniteLossError, TrainingTask, make_accelerator, run_training
+    from swintormer.training import TrainingTask, make_accelerator, train_and_report
 
     try:
         args = build_parser().parse_args(argv)
@@ -332,19 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     task = TrainingTask(model=trainer, loss_step=loss_step, train_dataset=train_set, parameters=parameters,
                         aux_modules=[trainer.lpips] if trainer.lpips is not None else (),
                         validate=validate, save_final=save_final)
-    try:
-        result = run_training(task, config.train, output_dir, accelerator=accelerator, resume=flags.resume)
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if accelerator.is_main_process:
-        last = result.validation[-1] if result.validation else None
-        scores = f"; validation at step {last[0]}: " + ", ".join(f"{k} {v:.4f}" for k, v in last[1].items()) if last else ""
-        print(f"trained {result.step} steps; prior saved to {result.final_model_dir}{scores}")
-    return 0
+    return train_and_report(task, config.train, output_dir, accelerator=accelerator, resume=flags.resume, saved="prior")
 
 
 if __name__ == "__main__":

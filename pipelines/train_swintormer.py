@@ -231,7 +231,7 @@ def load_run_config(argv: list[str] | None) -> tuple[SwintormerTrainConfig, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from swintormer.training import NonFiniteLossError, TrainingTask, make_accelerator, run_training
+    from swintormer.training import TrainingTask, make_accelerator, train_and_report
 
     try:
         config, flags = load_run_config(argv)
@@ -276,19 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
     task = TrainingTask(model=model, loss_step=loss_step, train_dataset=train_set, aux_modules=[loss],
                         validate=validate, save_final=save_final)
-    try:
-        result = run_training(task, config.train, output_dir, accelerator=accelerator, resume=flags.resume)
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if accelerator.is_main_process:
-        last = result.validation[-1] if result.validation else None
-        scores = f"; validation at step {last[0]}: " + ", ".join(f"{k} {v:.3f}" for k, v in last[1].items()) if last else ""
-        print(f"trained {result.step} steps; model saved to {result.final_model_dir}{scores}")
-    return 0
+    return train_and_report(task, config.train, output_dir, accelerator=accelerator, resume=flags.resume, saved="model")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -650,6 +651,26 @@ def run_training(task: TrainingTask, config: TrainingConfig, output_dir: str | o
             engine.load_checkpoint(checkpoint)
             accelerator.print(f"resumed from {checkpoint} at step {engine.step}")
     return engine.run()
+
+
+def train_and_report(task: TrainingTask, config: TrainingConfig, output_dir: str | os.PathLike[str], *,
+                     accelerator: Accelerator, resume: str | None, saved: str = "model") -> int:
+    """:func:`run_training` for a pipeline's ``main``: one ``error:`` line and an exit code
+    (1 for a non-finite loss, 2 for unusable settings) instead of a traceback, and a closing
+    line naming the saved ``saved`` and the last validation scores. Returns the exit code."""
+    try:
+        result = run_training(task, config, output_dir, accelerator=accelerator, resume=resume)
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if accelerator.is_main_process:
+        last = result.validation[-1] if result.validation else None
+        scores = f"; validation at step {last[0]}: " + ", ".join(f"{k} {v:.4f}" for k, v in last[1].items()) if last else ""
+        print(f"trained {result.step} steps; {saved} saved to {result.final_model_dir}{scores}")
+    return 0
 
 
 # --------------------------------------------------------------------------- helpers

@@ -418,12 +418,12 @@ def test_the_swintormer_command_dispatches_to_deblur(
 
 @pytest.mark.slow
 def test_two_processes_share_the_images_and_match_one_process(
-    model_dir: Path, tmp_path: Path, two_process_launch: list[str]
+    model_dir: Path, tmp_path: Path, accelerate_launch
 ) -> None:
     """``accelerate launch`` with two CPU processes: each image done once, same bytes as one process."""
     for index in range(3):
         write_image(tmp_path / "in" / f"img{index}.png", random_pixels(30, 40, 40 + index))
-    launch = [*two_process_launch, "-m", "pipelines.deblur",
+    launch = [*accelerate_launch(2), "-m", "pipelines.deblur",
               str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(model_dir), "--tile", str(TILE),
               "--no-progress"]
     finished = subprocess.run(launch, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)

@@ -71,17 +71,27 @@ def test_entries_hold_the_sampled_prior_in_float16_with_metadata(setup) -> None:
     assert manifest["settings"]["prior_fingerprint"] == model.fingerprint()
 
 
-def test_two_processes_build_the_same_cache_as_one(setup, tmp_path, two_process_launch) -> None:
-    out = tmp_path / "two"
-    command = [*two_process_launch, "-m", "pipelines.cache_priors", "--prior", str(setup["prior"]),
-               "--data", str(setup["data"]), "--out", str(out), *ARGS]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_two_processes_build_the_same_cache_as_one(setup, tmp_path, accelerate_launch) -> None:
+    def launched(processes: int) -> subprocess.CompletedProcess:
+        command = [*accelerate_launch(processes), "-m", "pipelines.cache_priors", "--prior", str(setup["prior"]),
+                   "--data", str(setup["data"]), "--out", str(tmp_path / str(processes)), *ARGS]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done
+
+    one, two = launched(1), launched(2)
     # Both processes took part (the three images are shared out round-robin)…
-    assert "process 0/2: 2 priors made" in done.stdout and "process 1/2: 1 priors made" in done.stdout
-    # …and the result is the one-process cache, byte for byte.
-    assert _entries(out) == _entries(setup["cache"])
-    assert (out / "manifest.json").read_bytes() == (setup["cache"] / "manifest.json").read_bytes()
+    assert "process 0/1: 3 priors made" in one.stdout
+    assert "process 0/2: 2 priors made" in two.stdout and "process 1/2: 1 priors made" in two.stdout
+    # …and the process count does not change a single byte.
+    assert _entries(tmp_path / "2") == _entries(tmp_path / "1")
+    assert (tmp_path / "2" / "manifest.json").read_bytes() == (tmp_path / "1" / "manifest.json").read_bytes()
+    # A plain (non-launched) run agrees to float16 rounding: inside a launched process group the
+    # CPU kernels may round the last bits differently (seen: at most 2 float16 steps).
+    for name in _entries(tmp_path / "2"):
+        launched_prior, _ = read_entry(tmp_path / "2" / name)
+        plain_prior, _ = read_entry(setup["cache"] / name)
+        assert np.abs(launched_prior.astype(np.float32) - plain_prior.astype(np.float32)).max() <= 4e-3
 
 
 def test_entry_bytes_do_not_depend_on_metadata_order() -> None:

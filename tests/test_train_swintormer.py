@@ -18,16 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/swintormer/cpu_tiny.yaml")
 QUIET = ["train.logging.progress_bar=false"]
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
-    made a tiny training step 50× slower (measured 9.8 s vs 0.18 s); restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     """12 training and 4 test pairs: 64×64 scikit-image photos under mild defocus (radius 1–2.5 px)."""
@@ -115,11 +105,11 @@ def test_user_errors_exit_2_before_training(synthetic, tmp_path, capsys):
     assert not (run / "checkpoints").exists()
 
 
-def test_two_processes_see_different_data_and_only_main_writes(synthetic, tmp_path, two_process_launch):
-    """Two CPU processes (gloo) launched as users do (see ``two_process_launch``)."""
+def test_two_processes_see_different_data_and_only_main_writes(synthetic, tmp_path, accelerate_launch):
+    """Two CPU processes (gloo) launched as users do (see the ``accelerate_launch`` fixture)."""
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [*two_process_launch, "-m", "pipelines.train_swintormer", "--config", TINY, "--data", str(synthetic), "--output", str(run),
+    command = [*accelerate_launch(2), "-m", "pipelines.train_swintormer", "--config", TINY, "--data", str(synthetic), "--output", str(run),
                "--max-steps", "2", *QUIET, "train.batch_size=2", "data.repeat=1", "train.logging.every_steps=1",
                "debug.log_sample_names=true", "validation.max_images=1"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

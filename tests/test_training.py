@@ -26,16 +26,6 @@ from swintormer.training import (
     run_training,
 )
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process
-    made a tiny training step 50× slower (measured 9.8 s vs 0.18 s); restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class NoisyPairs(Dataset):
     """Random pairs whose noise comes from the *global* torch RNG, so resume must restore it."""
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from swintormer.image_io import atomic_write_bytes
+
 
 def matmul_gflops(size: int = 2048, runs: int = 10, device: str = "cpu") -> float:
     """Measured fp32 GEMM rate in GFLOP/s (2·n³ flops per product)."""
@@ -138,10 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.preset} {precision}: median {case['latency_median_s']:.3f} s per forward "
               f"{'×'.join(map(str, case['input']))}, peak memory {memory:.0f} MiB{extra}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(args.json)
+        atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
     return 0
 
 

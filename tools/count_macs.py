@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from swintormer.image_io import atomic_write_bytes
 from swintormer.models import Swintormer, SwintormerConfig
 from swintormer.models.complexity import count_macs
 from swintormer.models.swintormer import CONFIG_NAME, load_config_file
@@ -73,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage, macs in result.by_stage.items():
         print(f"  {stage:<20}{macs / 1e9:9.3f}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(args.json)
+        atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
     return 0
 
 
