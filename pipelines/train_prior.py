@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from swintormer.config import ConfigError, StrictModel, TrainingConfig, add_run_arguments, load_config, run_flags_from_args, save_config
+from pipelines.training_setup import discover_training_pairs, load_run_config, resolve_splits
+from swintormer.config import ConfigError, StrictModel, TrainingConfig, add_run_arguments, save_config
 
-VAL_SPLIT_NAMES = ("test", "val", "validation")
 
 
 # --------------------------------------------------------------------------- schema
@@ -157,30 +157,6 @@ class PriorTrainer(nn.Module):
 # --------------------------------------------------------------------------- building blocks
 
 
-def resolve_splits(config: PriorTrainConfig) -> tuple[Path, Path | None]:
-    root = config.data.root
-    if root is None:
-        raise ConfigError("no training data: pass --data DIR (or set data.root)")
-    if not root.is_dir():
-        raise ConfigError(f"--data {root}: folder not found")
-    if (root / "train").is_dir():
-        val_root = config.data.val_root or next((root / n for n in VAL_SPLIT_NAMES if (root / n).is_dir()), None)
-        return root / "train", val_root
-    return root, config.data.val_root
-
-
-def _pairs(split: Path, layout: str, what: str):
-    from swintormer.datasets import discover_pairs
-
-    try:
-        found = discover_pairs(split, layout)
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"{what}: {exc}") from None
-    if not found.pairs:
-        raise ConfigError(f"{what} {split}: no image pairs found (layout {layout!r})")
-    return found.pairs
-
-
 def load_model(config: PriorTrainConfig):
     from ldm_prior.compvis import load_compvis_checkpoint
     from ldm_prior.model import NAMED_CONFIGS, PriorModel
@@ -271,26 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     from swintormer.training import TrainingTask, make_accelerator, train_and_report
 
     try:
-        args = build_parser().parse_args(argv)
-        flags = run_flags_from_args(args)
-        config = load_config(PriorTrainConfig, flags.config, flags.overrides)
-        if flags.data is not None:
-            config.data.root = flags.data
-        if flags.output is not None:
-            config.output_dir = flags.output
-        if flags.max_steps is not None:
-            config.train.max_steps = flags.max_steps
-        if config.output_dir is None:
-            raise ConfigError("no run folder: pass --output RUN_DIR (or set output_dir)")
+        config, flags = load_run_config(PriorTrainConfig, build_parser(), argv)
         accelerator = make_accelerator(config.train)
-        train_split, val_split = resolve_splits(config)
+        train_split, val_split = resolve_splits(config.data.root, config.data.val_root)
         torch.manual_seed(config.train.seed)  # same discriminator initialisation on every process
         prior = load_model(config)
         check_patch_size(prior, config.data.patch_size, config.data.patch_size, config.mode)
         defaults = {"noise": UNET_DECODER_PATTERNS, "vq_decoder": VQ_DECODER_PATTERNS, "vq_autoencoder": ("vqvae.*",)}
         patterns = config.trainable or list(defaults[config.objective])
         selection = select_trainable(prior, patterns, allow_frozen=config.objective == "vq_autoencoder" or config.unfreeze_backbone)
-        train_set = PairedPatchDataset(_pairs(train_split, config.data.layout, "training data"), config.data.patch_size,
+        train_set = PairedPatchDataset(discover_training_pairs(train_split, config.data.layout, "training data"), config.data.patch_size,
                                        augment=config.data.augment, seed=config.train.seed, repeat=config.data.repeat,
                                        cache_images=config.data.cache_images)
         if config.model.estimate_latent_scale:
@@ -310,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             object.__setattr__(trainer, "lpips", perceptual)
         validate = None
         if val_split is not None:
-            validate = make_validation(config, PairedImageDataset(_pairs(val_split, config.data.layout, "validation data"),
+            validate = make_validation(config, PairedImageDataset(discover_training_pairs(val_split, config.data.layout, "validation data"),
                                                                   cache_images=True))
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)

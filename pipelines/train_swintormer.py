@@ -31,18 +31,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from swintormer.config import (
-    ConfigError,
-    StrictModel,
-    TrainingConfig,
-    add_run_arguments,
-    load_config,
-    run_flags_from_args,
-    save_config,
-)
+from pipelines.training_setup import discover_training_pairs, load_run_config, resolve_splits
+from swintormer.config import ConfigError, StrictModel, TrainingConfig, add_run_arguments, save_config
 from swintormer.losses import LossConfig, MissingWeightsError, build_loss
 
-VAL_SPLIT_NAMES = ("test", "val", "validation")
 
 
 # --------------------------------------------------------------------------- schema
@@ -100,21 +92,6 @@ class SwintormerTrainConfig(StrictModel):
 # --------------------------------------------------------------------------- building blocks
 
 
-def resolve_splits(config: SwintormerTrainConfig) -> tuple[Path, Path | None]:
-    """Training and validation split folders from ``data.root`` (``--data``) and ``data.val_root``."""
-    root = config.data.root
-    if root is None:
-        raise ConfigError("no training data: pass --data DIR (or set data.root)")
-    if not root.is_dir():
-        raise ConfigError(f"--data {root}: folder not found")
-    val_root = config.data.val_root
-    if (root / "train").is_dir():
-        if val_root is None:
-            val_root = next((root / name for name in VAL_SPLIT_NAMES if (root / name).is_dir()), None)
-        return root / "train", val_root
-    return root, val_root
-
-
 def prior_source(config: SwintormerTrainConfig):
     """The one place stage two turns ``data.prior`` into a ``swintormer.priors.PriorSource``."""
     if config.model.in_channels == 3:
@@ -143,21 +120,6 @@ def build_model(config: SwintormerTrainConfig):
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"model: {exc}".replace("\n", " ")) from None
     return Swintormer(net_config)
-
-
-def _pairs(split: Path, layout: str, what: str):
-    from swintormer.datasets import discover_pairs
-
-    try:
-        found = discover_pairs(split, layout)
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"{what}: {exc}") from None
-    if found.problems:
-        print(f"warning: {what} {split}: {len(found.problems)} problem(s), first: {found.problems[0]}",
-              file=sys.stderr)
-    if not found.pairs:
-        raise ConfigError(f"{what} {split}: no image pairs found (layout {layout!r})")
-    return found.pairs
 
 
 def make_validation(config: SwintormerTrainConfig, dataset):
@@ -215,39 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_run_config(argv: list[str] | None) -> tuple[SwintormerTrainConfig, Any]:
-    args = build_parser().parse_args(argv)
-    flags = run_flags_from_args(args)
-    config = load_config(SwintormerTrainConfig, flags.config, flags.overrides)
-    if flags.data is not None:
-        config.data.root = flags.data
-    if flags.output is not None:
-        config.output_dir = flags.output
-    if flags.max_steps is not None:
-        config.train.max_steps = flags.max_steps
-    if config.output_dir is None:
-        raise ConfigError("no run folder: pass --output RUN_DIR (or set output_dir)")
-    return config, flags
-
-
 def main(argv: list[str] | None = None) -> int:
     from swintormer.training import TrainingTask, make_accelerator, train_and_report
 
     try:
-        config, flags = load_run_config(argv)
+        config, flags = load_run_config(SwintormerTrainConfig, build_parser(), argv)
         accelerator = make_accelerator(config.train)
-        train_split, val_split = resolve_splits(config)
+        train_split, val_split = resolve_splits(config.data.root, config.data.val_root)
         source = prior_source(config)
         loss = build_loss(config.loss)  # missing backbone files stop the run here, before training
         from swintormer.datasets import PairedImageDataset, PairedPatchDataset
 
-        train_set = PairedPatchDataset(_pairs(train_split, config.data.layout, "training data"),
+        train_set = PairedPatchDataset(discover_training_pairs(train_split, config.data.layout, "training data"),
                                        config.data.patch_size, augment=config.data.augment,
                                        prior_source=source, seed=config.train.seed, repeat=config.data.repeat,
                                        cache_images=config.data.cache_images)
         validate = None
         if val_split is not None:
-            val_set = PairedImageDataset(_pairs(val_split, config.data.layout, "validation data"),
+            val_set = PairedImageDataset(discover_training_pairs(val_split, config.data.layout, "validation data"),
                                          prior_source=source, cache_images=True)
             validate = make_validation(config, val_set)
         torch.manual_seed(config.train.seed)  # same initial weights on every process
