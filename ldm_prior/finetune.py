@@ -111,8 +111,14 @@ def latent_target_and_condition(
     return latents, condition * 2 - 1
 
 
-def _noisy(scheduler, latents: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _noisy(
+    scheduler, latents: torch.Tensor, generator: torch.Generator | None, max_timestep: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``latents`` noised at a random timestep below ``max_timestep`` (default: all of them);
+    returns (noisy latents, noise, timesteps). A CPU ``generator`` makes the draw reproducible."""
     count = scheduler.config.num_train_timesteps
+    if max_timestep is not None:
+        count = min(max_timestep, count)
     if generator is None:
         timesteps = torch.randint(0, count, (latents.shape[0],), device=latents.device)
         noise = torch.randn_like(latents)
@@ -144,14 +150,7 @@ def vq_decoder_reconstruction(
     only the VQ decoder side."""
     with torch.no_grad():
         latents, condition = latent_target_and_condition(model, blurry, sharp, mode)
-        count = min(max_timestep, scheduler.config.num_train_timesteps)
-        if generator is None:
-            timesteps = torch.randint(0, count, (latents.shape[0],), device=latents.device)
-            noise = torch.randn_like(latents)
-        else:
-            timesteps = torch.randint(0, count, (latents.shape[0],), generator=generator).to(latents.device)
-            noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        noisy, noise, timesteps = _noisy(scheduler, latents, generator, max_timestep)
         predicted_noise = model.unet(torch.cat([noisy, condition], dim=1), timesteps).sample
         alpha_bar = scheduler.alphas_cumprod.to(latents.device)[timesteps].view(-1, 1, 1, 1)
         estimate = (noisy - (1 - alpha_bar).sqrt() * predicted_noise) / alpha_bar.sqrt()
