@@ -1,7 +1,8 @@
 """``swintormer deblur INPUT... --output DIR``: deblur image files and folders (issue 6).
 
 Every image is run through :class:`swintormer.inference.SlidingWindowInferencer` at the training
-size (``--tile``/``--stride``), so any image size works in bounded memory. A 6-channel model
+size (``--tile``/``--stride``), so any image size works in bounded memory (``--whole`` runs each
+image in one pass instead, for comparison: the paper's inference ablation). A 6-channel model
 also needs the prior of every image: read from a prior cache (``--prior-cache``, written by
 ``swintormer cache-priors``), sampled now with the stage-one model (``--prior-model``), or read
 from plain prior files (``--prior-folder``); a 3-channel (no-prior) model needs none.
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     import torch
     from accelerate import PartialState
 
-    from swintormer.inference import SlidingWindowInferencer
+    from swintormer.inference import SlidingWindowInferencer, WholeImageInferencer
     from swintormer.models import Swintormer
 
 # torch, accelerate and the models are imported inside the functions that need them, so that
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stride", type=positive_int, default=None,
                         help="distance between window starts, at most --tile; smaller means more overlap, "
                         "better and slower (default: 3/4 of the tile; the paper's best: --tile 512 --stride 220)")
+    parser.add_argument("--whole", action="store_true",
+                        help="run each image in one forward pass instead of windows (padded to the model's size "
+                        "multiple); no seams, but memory grows with the image; --tile/--stride/--batch/--blend "
+                        "are then unused")
     parser.add_argument("--batch", type=positive_int, default=4,
                         help="windows per forward pass; memory grows with it (default: %(default)s)")
     parser.add_argument("--blend", choices=("average", "feather"), default="average",
@@ -319,7 +324,7 @@ def _one_line(error: BaseException, source: Path) -> str:
     return message if message.startswith(str(source)) else f"{source}: {message}"
 
 
-def deblur_one(job: Job, inferencer: SlidingWindowInferencer, prior_source: ImagePriors | None) -> None:
+def deblur_one(job: Job, inferencer: SlidingWindowInferencer | WholeImageInferencer, prior_source: ImagePriors | None) -> None:
     from swintormer.image_io import read_image, write_image
 
     loaded = read_image(job.source)
@@ -351,13 +356,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    from swintormer.inference import SlidingWindowInferencer
+    from swintormer.inference import SlidingWindowInferencer, WholeImageInferencer
 
     show_progress = not args.no_progress and state.is_local_main_process
-    inferencer = SlidingWindowInferencer(
-        model, tile=args.tile, stride=args.stride, batch_size=args.batch, blend=args.blend,
-        precision=args.precision, device=device, progress=show_progress,
-    )
+    if args.whole:
+        inferencer = WholeImageInferencer(model, precision=args.precision, device=device)
+    else:
+        inferencer = SlidingWindowInferencer(
+            model, tile=args.tile, stride=args.stride, batch_size=args.batch, blend=args.blend,
+            precision=args.precision, device=device, progress=show_progress,
+        )
     # Shared out by position, so every process knows its images without talking to the others.
     my_jobs = plan.jobs[state.process_index :: state.num_processes]
     problems = list(plan.problems) if state.is_main_process else []

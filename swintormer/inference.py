@@ -26,6 +26,10 @@ once. :class:`SlidingWindowInferencer` does that for any image size in bounded m
   bit-exactly: a model that returns its input gives back the input exactly, with no seams.
 * **Precision.** ``precision="bf16"`` runs the model under ``torch.autocast`` in bfloat16 on its
   device; outputs are accumulated in float64 either way.
+
+:class:`WholeImageInferencer` is the comparison point of the paper's inference ablation: the
+whole image in one forward pass (the model pads it to its size multiple and crops back). Its
+memory grows with the image.
 """
 
 from __future__ import annotations
@@ -181,19 +185,13 @@ class SlidingWindowInferencer:
             yield corners, torch.stack(windows).to(torch.float32)
 
     def _run_model(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device, non_blocking=True)
-        with torch.inference_mode():
-            if self.precision == "bf16":
-                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
-                    output = self.model(batch)
-            else:
-                output = self.model(batch)
+        output = _forward(self.model, batch, self.device, self.precision)
         if output.ndim != 4 or output.shape[0] != batch.shape[0] or output.shape[2:] != batch.shape[2:]:
             raise ValueError(
                 f"the model turned a window batch of shape {tuple(batch.shape)} into "
                 f"{tuple(output.shape)}; expected N×C_out×{self.tile}×{self.tile}"
             )
-        return output.to("cpu", torch.float64)
+        return output
 
     def _accumulate(self, image: torch.Tensor) -> torch.Tensor:
         """Weighted sum of all window outputs, a float64 ``C_out×H×W`` CPU tensor."""
@@ -246,6 +244,52 @@ class SlidingWindowInferencer:
             else:
                 output[:, rows] = block
         return output
+
+
+class WholeImageInferencer:
+    """Runs a model on the whole image at once; same call interface as :class:`SlidingWindowInferencer`.
+
+    The model sees the image padded only to its own size multiple (a Swintormer reflect-pads and
+    crops back), so there are no window seams, but memory grows with the image.
+    """
+
+    def __init__(self, model: nn.Module, precision: Precision = "fp32", device: torch.device | str | None = None) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        self.model = model.eval()
+        self.precision = precision
+        self.device = torch.device(device) if device is not None else _model_device(model)
+
+    @overload
+    def __call__(self, image: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    def __call__(self, image: np.ndarray) -> np.ndarray: ...
+
+    def __call__(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or not np.issubdtype(image.dtype, np.floating):
+                raise ValueError(f"expected a float H×W×C array, got shape {image.shape} and dtype {image.dtype}")
+            batch = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)
+            output = _forward(self.model, batch.to(torch.float32), self.device, self.precision)
+            return output[0].permute(1, 2, 0).to(torch.float32).numpy()
+        if isinstance(image, torch.Tensor):
+            if image.ndim != 4 or image.shape[0] != 1 or not image.is_floating_point():
+                raise ValueError(f"expected a float 1×C×H×W tensor, got shape {tuple(image.shape)} and dtype {image.dtype}")
+            return _forward(self.model, image.to(torch.float32), self.device, self.precision).to(torch.float32)
+        raise TypeError(f"expected a torch.Tensor or numpy.ndarray, got {type(image).__name__}")
+
+
+def _forward(model: nn.Module, batch: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """One inference forward on ``device`` (bf16 autocast if asked); the result as a float64 CPU tensor."""
+    batch = batch.to(device, non_blocking=True)
+    with torch.inference_mode():
+        if precision == "bf16":
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                output = model(batch)
+        else:
+            output = model(batch)
+    return output.to("cpu", torch.float64)
 
 
 def default_stride(tile: int) -> int:

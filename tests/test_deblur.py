@@ -93,6 +93,19 @@ def test_outputs_keep_name_and_bit_depth_and_hold_the_tiled_result(
     assert {path.name: digest(path) for path in inputs.iterdir()} == before  # inputs untouched
 
 
+def test_whole_runs_each_image_in_one_forward(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "in" / "wide.png"
+    write_image(source, random_pixels(70, 300, 4), bit_depth=16)
+
+    code, _, err = run([str(source), "--output", str(tmp_path / "out"), "--model", str(model_dir), "--whole"], capsys)
+
+    assert code == 0, err
+    model = Swintormer.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        direct = model(torch.from_numpy(read_image(source).pixels).permute(2, 0, 1)[None])[0].permute(1, 2, 0)
+    np.testing.assert_array_equal(read_samples(tmp_path / "out" / "wide.png"), quantize(direct.numpy(), 16))
+
+
 def test_a_six_channel_model_gets_the_prior_from_the_prior_model(
     prior_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

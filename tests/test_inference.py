@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from swintormer.inference import SlidingWindowInferencer, feather_weights, window_starts
+from swintormer.inference import SlidingWindowInferencer, WholeImageInferencer, feather_weights, window_starts
 from swintormer.models import Swintormer, SwintormerConfig
 from swintormer.padding import reflect_pad
 
@@ -230,6 +230,23 @@ def test_multi_window_output_is_the_mean_of_the_window_forwards(tiny_model: Swin
     expected = torch.cat([left[..., :32], (left[..., 32:] + right[..., :96]) / 2, right[..., 96:]], dim=3)
     tiled = SlidingWindowInferencer(tiny_model, tile=128, stride=96, batch_size=1, progress=False)(image)
     torch.testing.assert_close(tiled, expected, rtol=0, atol=1e-5)
+
+
+def test_whole_image_inferencer_is_one_forward_of_the_whole_image(tiny_model: Swintormer) -> None:
+    # 70×150 is not a multiple of the tiny preset's 128: the model pads and crops back itself.
+    image = torch.rand(1, 6, 70, 150, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        direct = tiny_model(image)
+    whole = WholeImageInferencer(tiny_model)
+    torch.testing.assert_close(whole(image), direct, rtol=0, atol=0)
+    as_array = whole(image[0].permute(1, 2, 0).numpy())
+    assert as_array.shape == (70, 150, 3) and as_array.dtype == np.float32
+    np.testing.assert_allclose(as_array, direct[0].permute(1, 2, 0).numpy(), rtol=0, atol=0)
+    # Different from the windowed result: windows see only part of the image.
+    tiled = SlidingWindowInferencer(tiny_model, tile=128, stride=96, progress=False)(image)
+    assert (tiled - direct).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="1×C×H×W"):
+        whole(image[0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -239,9 +239,37 @@ class GatedFeedForward(nn.Module):
         self.project_in = nn.Conv2d(dim, 2 * hidden, kernel_size=1, bias=bias)
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
 
+    # Inference works on blocks of this many bytes of hidden activations (see residual_forward).
+    BLOCK_BYTES = 4 << 20
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = pointwise(self.project_in, x.permute(0, 2, 3, 1)).chunk(2, dim=-1)
         return pointwise(self.project_out, x1 * x2).permute(0, 3, 1, 2)
+
+    def residual_forward(self, x: torch.Tensor, norm: ChannelLayerNorm) -> torch.Tensor:
+        """``x + self(norm(x))`` for inference, a block of pixels at a time.
+
+        Every step is per pixel, so the pixels can be processed in blocks. A block's 2·hidden
+        activations (a few MiB) then stay in cache from the first GEMM through the product to the
+        second, instead of a full-map hidden tensor (33 MB at 256×256 input, decoder level 1)
+        being written to and read back from memory; the residual is added to each block's output.
+        Same arithmetic as the plain path, row by row.
+        """
+        n, c, height, width = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view on channels-last memory
+        out = torch.empty_like(tokens)
+        hidden = self.project_out.weight.shape[1]
+        rows = max(1, self.BLOCK_BYTES // (2 * hidden * tokens.element_size()))
+        ln = norm.body
+        for start in range(0, tokens.shape[0], rows):
+            block = tokens[start : start + rows]
+            h = F.layer_norm(block, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+            h = pointwise(self.project_in, h)
+            h = h[:, :hidden] * h[:, hidden:]
+            # Not a fused ``addmm(out=...)``: out= variants bypass autocast, and under bf16 autocast
+            # the GEMM must see bf16 operands while the sum keeps the residual's dtype.
+            torch.add(block, pointwise(self.project_out, h), out=out[start : start + rows])
+        return out.view(n, height, width, c).permute(0, 3, 1, 2)
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -336,11 +364,14 @@ class MixedWindowAttention(nn.Module):
             self._cache[key] = bias = bias.detach().contiguous()
         return bias
 
-    def _window_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Cosine window attention on n×heads×tokens×d tensors → n×tokens×(heads·d)."""
+    def _window_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Cosine window attention on n×heads×tokens×d tensors → n×tokens×(heads·d).
+
+        ``bias`` is heads×w²×w², or nW×heads×w²×w² for windows that repeat in groups of nW.
+        """
         scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
         scores = (F.normalize(q, dim=-1) * scale) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        bias = self._position_bias(height, width, scores.device).to(scores.dtype)
+        bias = bias.to(scores.dtype)
         if bias.ndim == 4:  # one bias per window position: broadcast over the images
             scores = scores.view(-1, *bias.shape).add_(bias).view(scores.shape)
         else:
@@ -359,17 +390,10 @@ class MixedWindowAttention(nn.Module):
         out = v @ softmax_plus_one(scores).transpose(-2, -1)  # n×heads×tokens×d
         return out.transpose(1, 2).flatten(2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, height, width = x.shape
-        window, heads = self.window_size, self.num_heads
-        # Work on channels-last tokens: every 1×1 conv is then a GEMM and the depth-wise conv
-        # runs on channels-last memory. Windows are cut from the c-channel input (a third of the
-        # bytes of q/k/v); the per-pixel qkv conv then yields tokens already in window order.
-        x = x.permute(0, 2, 3, 1)  # n×H×W×c
-        if self.shift_size > 0:
-            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-        x = x.reshape(n, height // window, window, width // window, window, c).permute(0, 1, 3, 2, 4, 5)
-        qkv = pointwise(self.qkv, x.reshape(-1, window, window, c))  # windows×w×w×3c
+    def _attend(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Attention inside windows: windows×w×w×c tokens → windows×w²×c (after ``project_out``)."""
+        window, heads, c = self.window_size, self.num_heads, x.shape[-1]
+        qkv = pointwise(self.qkv, x)  # windows×w×w×3c
         # Zero padding of the depth-wise conv happens at each window's border, as in the reference.
         qkv = self.qkv_dwconv(qkv.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(-1, window * window, 3 * c)
 
@@ -379,18 +403,76 @@ class MixedWindowAttention(nn.Module):
         if self.attention == "mixed":
             qkv_window, qkv_channel = qkv.split(3 * c // 2, dim=-1)
             out = torch.cat(
-                [self._window_branch(*heads_of(qkv_window), height, width), self._channel_branch(*heads_of(qkv_channel))],
+                [self._window_branch(*heads_of(qkv_window), bias), self._channel_branch(*heads_of(qkv_channel))],
                 dim=-1,
             )
         elif self.attention == "window":
-            out = self._window_branch(*heads_of(qkv), height, width)
+            out = self._window_branch(*heads_of(qkv), bias)
         else:
             out = self._channel_branch(*heads_of(qkv))
-        out = pointwise(self.project_out, out)  # windows×tokens×c
+        return pointwise(self.project_out, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, height, width = x.shape
+        window = self.window_size
+        # Work on channels-last tokens: every 1×1 conv is then a GEMM and the depth-wise conv
+        # runs on channels-last memory. Windows are cut from the c-channel input (a third of the
+        # bytes of q/k/v); the per-pixel qkv conv then yields tokens already in window order.
+        x = x.permute(0, 2, 3, 1)  # n×H×W×c
+        if self.shift_size > 0:
+            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+        x = x.reshape(n, height // window, window, width // window, window, c).permute(0, 1, 3, 2, 4, 5)
+        bias = self._position_bias(height, width, x.device) if self.attention != "channel" else None
+        out = self._attend(x.reshape(-1, window, window, c), bias)  # windows×tokens×c
         out = out.view(n, height // window, width // window, window, window, c).permute(0, 1, 3, 2, 4, 5)
         out = out.reshape(n, height, width, c)
         if self.shift_size > 0:
             out = torch.roll(out, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        return out.permute(0, 3, 1, 2)
+
+    # Inference runs the windows in groups of about this many q/k/v bytes (see residual_forward).
+    GROUP_BYTES = 4 << 20
+
+    def residual_forward(self, x: torch.Tensor, norm: ChannelLayerNorm) -> torch.Tensor:
+        """``x + self(norm(x))`` for inference, a group of windows at a time.
+
+        Windows are independent, so each group goes from the input through the layer norm,
+        q/k/v, both branches, ``project_out`` and the residual add while its data (a few MiB)
+        stays in cache, instead of every step passing full-map tensors (19 MB of q/k/v at
+        decoder level 1 for a 256×256 input) through memory. Cutting a group out of the map and
+        writing it back are strided copies of that group, so no full-map window (un)partition
+        copies remain. A group lies within one row of windows of one image, so a shifted
+        block's per-window bias is a slice. The residual is added in rolled coordinates,
+        which the final roll maps back: ``x + roll(a) = roll(roll⁻¹(x) + a)``.
+        """
+        n, c, height, width = x.shape
+        window, shift = self.window_size, self.shift_size
+        rows, cols = height // window, width // window
+        tokens = x.permute(0, 2, 3, 1)  # n×H×W×c, a view on channels-last memory
+        if shift > 0:
+            tokens = torch.roll(tokens, shifts=(-shift, -shift), dims=(1, 2))
+        out = torch.empty(tokens.shape, dtype=x.dtype, device=x.device)
+
+        def windows_of(t: torch.Tensor) -> torch.Tensor:  # n×H×W×c → n×rows×cols×w×w×c view
+            return t.reshape(n, rows, window, cols, window, c).permute(0, 1, 3, 2, 4, 5)
+
+        source, target = windows_of(tokens), windows_of(out)
+        bias = self._position_bias(height, width, x.device) if self.attention != "channel" else None
+        group = max(1, self.GROUP_BYTES // (3 * c * window * window * x.element_size()))
+        group = max(g for g in range(1, min(group, cols) + 1) if cols % g == 0)
+        ln = norm.body
+        for image in range(n):
+            for row in range(rows):
+                for col in range(0, cols, group):
+                    part = source[image, row, col : col + group].reshape(group, window, window, c)
+                    normed = F.layer_norm(part, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+                    position = bias
+                    if bias is not None and bias.ndim == 4:
+                        position = bias[row * cols + col : row * cols + col + group]
+                    result = self._attend(normed, position).view(group, window, window, c)
+                    torch.add(part, result, out=target[image, row, col : col + group])
+        if shift > 0:
+            out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
         return out.permute(0, 3, 1, 2)
 
 
@@ -425,7 +507,12 @@ class TransformerBlock(nn.Module):
         self.ffn = build_feed_forward(config, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+        if isinstance(self.attn, MixedWindowAttention) and not torch.is_grad_enabled():
+            x = self.attn.residual_forward(x, self.norm1)  # the same sum, cache-blocked
+        else:
+            x = x + self.attn(self.norm1(x))
+        if isinstance(self.ffn, GatedFeedForward) and not torch.is_grad_enabled():
+            return self.ffn.residual_forward(x, self.norm2)  # the same sum, cache-blocked
         return x + self.ffn(self.norm2(x))
 
 
