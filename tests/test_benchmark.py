@@ -52,7 +52,7 @@ def test_every_ablation_row_and_inference_mode_is_reported(quick_run: tuple[Path
         assert item["cost"]["parameters"] > 0 and item["cost"]["gmacs_256"] > 0 and item["cost"]["seconds_per_mp"] > 0
     # The no-prior network takes 3 channels instead of 6; its first conv (after a 2× pixel-unshuffle,
     # 3×3 kernel, no bias) has 3·4·9·dim fewer weights, the only difference.
-    dim = json.loads((work / "runs" / "no_prior_s0" / "model" / "config.json").read_text())["dim"]
+    dim = json.loads(next((work / "runs").glob("no_prior_s0_*/model/config.json")).read_text())["dim"]
     costs = {item["row"]: item["cost"] for item in results["summary"]}
     assert costs["mixed_prior"]["parameters"] - costs["no_prior"]["parameters"] == 3 * 4 * 9 * dim
 
@@ -76,7 +76,9 @@ def test_deconvolution_with_the_true_kernel_beats_the_blurry_input(quick_run: tu
 
 def test_every_row_trains_with_the_same_budget_and_only_its_own_change(quick_run: tuple[Path, dict]) -> None:
     work, _ = quick_run
-    configs = {run.name: yaml.safe_load((run / "config.yaml").read_text()) for run in (work / "runs").iterdir()}
+    # Run folders are ROW_sSEED_TAG, TAG being a hash of the stage-two config file.
+    configs = {run.name.rsplit("_", 1)[0]: yaml.safe_load((run / "config.yaml").read_text())
+               for run in (work / "runs").iterdir()}
     assert {name.rsplit("_s", 1)[0] for name in configs} == ROWS
     budgets = {json.dumps(config["train"] | {"seed": None}, sort_keys=True) for config in configs.values()}
     assert len(budgets) == 1
@@ -97,8 +99,8 @@ def test_every_row_trains_with_the_same_budget_and_only_its_own_change(quick_run
             config_part["output_dir"] = None
             config_part["data"]["prior"]["path"] = None  # T differs between prior rows: checked below
         assert config["model"] == base["model"] and config["data"] == base["data"], name
-    prior_paths = [yaml.safe_load((work / "runs" / "prior_T2_s0" / "config.yaml").read_text())["data"]["prior"]["path"],
-                   yaml.safe_load((work / "runs" / "mixed_prior_s0" / "config.yaml").read_text())["data"]["prior"]["path"]]
+    prior_paths = [yaml.safe_load(next((work / "runs").glob(f"{row}_s0_*/config.yaml")).read_text())["data"]["prior"]["path"]
+                   for row in ("prior_T2", "mixed_prior")]
     assert [Path(p).parent.name for p in prior_paths] == ["T2", "T4"]
 
 

@@ -30,7 +30,9 @@ peak resident memory are recorded:
 Results go to ``--json`` and ``--markdown``; the Markdown is rendered from the JSON only, so every
 figure in it comes from a command that this script ran. Finished steps are recorded under
 ``--work`` and skipped when the script is run again with the same arguments (delete the folder,
-or pass ``--fresh``, to start over). Losses that need pretrained backbones (VGG-19, MAE) use the
+or pass ``--fresh``, to start over); a recorded step whose command or config file has changed
+is an error rather than a stale reuse. Stage-two run names carry a hash of the stage-two config,
+so a new stage-two budget retrains and rescores stage two in the same folder and reuses the rest. Losses that need pretrained backbones (VGG-19, MAE) use the
 files given with ``--vgg-weights`` / ``--mae-weights``; without them the rows are trained with
 random-weight backbones and labelled so.
 """
@@ -319,10 +321,24 @@ def deblur_and_score(bench: Bench, name: str, model: Path, test_split: Path, opt
 
 
 def model_cost(bench: Bench, model: Path, tile: int, size: int) -> dict[str, float]:
-    """Parameters, GMACs at 256×256, and inference s/MP and peak memory (fresh process, sliding windows)."""
-    config = json.loads((model / "config.json").read_text())
-    key = "cost_" + _short_hash(json.dumps(config, sort_keys=True) + f"{tile}/{size}")
-    record = bench.run(key, [PYTHON, str(Path(__file__).resolve()), "--measure-inference", str(model),
+    """Parameters, GMACs at 256×256, and inference s/MP and peak memory (fresh process, sliding windows).
+
+    Cost depends on the architecture, not the weights: it is measured once per architecture, on
+    a copy of the network with random weights, so rows that share an architecture share one
+    measurement (and one command).
+    """
+    import torch
+
+    from swintormer.models import Swintormer
+    from swintormer.models.swintormer import load_config_file
+
+    config = load_config_file(model / "config.json")
+    key = "cost_arch_" + _short_hash(json.dumps(config.to_dict(), sort_keys=True) + f"{tile}/{size}")
+    probe = bench.work / "cost" / key
+    if not (probe / "config.json").is_file():
+        torch.manual_seed(0)
+        Swintormer(config).save_pretrained(probe)
+    record = bench.run(key, [PYTHON, str(Path(__file__).resolve()), "--measure-inference", str(probe),
                              "--tile", str(tile), "--size", str(size)])
     measured = json.loads(bench.output_of(key).strip().splitlines()[-1])
     return {**measured, "peak_rss_mib": record["peak_rss_mib"]}
@@ -358,6 +374,17 @@ def measure_inference(model_dir: Path, tile: int, size: int) -> dict[str, float]
             "seconds_per_mp": round(seconds / (size * size / 1e6), 3)}
 
 
+def stage_two_tag(profile: Profile) -> str:
+    """A short hash of the stage-two config file, part of every run and output name of stage two.
+
+    Editing the stage-two budget thus retrains and rescores stage two in the same work folder,
+    while the data, the prior, its caches and the other measurements are reused.
+    """
+    import hashlib
+
+    return hashlib.sha256((REPO_ROOT / profile.swintormer_config).read_bytes()).hexdigest()[:8]
+
+
 def run_ablation(bench: Bench, profile: Profile, rows: list[Row], caches: dict[int, dict[str, Path]],
                  splits: dict[str, Path], jobs: int) -> list[dict[str, Any]]:
     """Train every row (``jobs`` at a time, the cores shared out between them), then score each."""
@@ -369,7 +396,7 @@ def run_ablation(bench: Bench, profile: Profile, rows: list[Row], caches: dict[i
     trainings = []
     for row in rows:
         for seed in row.seeds:
-            run_name = f"{row.key}_s{seed}"
+            run_name = f"{row.key}_s{seed}_{stage_two_tag(profile)}"
             command = [PYTHON, "-m", "pipelines.train_swintormer", "--config", profile.swintormer_config,
                        "--data", str(splits["train"]), "--output", str(bench.work / "runs" / run_name),
                        f"train.seed={seed}", *row.overrides]
@@ -383,7 +410,7 @@ def run_ablation(bench: Bench, profile: Profile, rows: list[Row], caches: dict[i
     results = []
     for row in rows:
         for seed in row.seeds:
-            run_name = f"{row.key}_s{seed}"
+            run_name = f"{row.key}_s{seed}_{stage_two_tag(profile)}"
             run_dir = bench.work / "runs" / run_name
             train_record = bench.records[f"train_{run_name}"]
             model = run_dir / "model"
@@ -410,12 +437,13 @@ def run_inference_ablation(bench: Bench, profile: Profile, caches: dict[int, dic
     modes += [(f"stride{s}", f"sliding {tile}×{tile}, stride {s}", ["--tile", str(tile), "--stride", str(s)])
               for s in profile.strides]
     for seed in profile.seeds:
-        model = bench.work / "runs" / f"mixed_prior_s{seed}" / "model"
+        run_name = f"mixed_prior_s{seed}_{stage_two_tag(profile)}"
+        model = bench.work / "runs" / run_name / "model"
         for key, label, options in modes:
             scores = {}
             for test_set in TEST_SETS:
                 prior = ["--prior-cache", str(caches[T][test_set])]
-                scores[test_set] = deblur_and_score(bench, f"inference_{key}_s{seed}_{test_set}", model,
+                scores[test_set] = deblur_and_score(bench, f"inference_{key}_{run_name}_{test_set}", model,
                                                     splits[test_set], options + prior)
             results.append({"row": key, "label": label, "seed": seed, "scores": scores})
     return results

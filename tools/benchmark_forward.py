@@ -75,6 +75,10 @@ def run_case(preset: str, precision: str, size: tuple[int, int], batch: int, war
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
+    # The GEMM rate in this very process, right after the timing (after, so that its matrices do
+    # not raise the peak memory measured above): this VM's speed drifts between runs, and the
+    # rate is what makes a latency comparable with another run or machine.
+    rate = matmul_gflops(device=device)
     result = {
         "preset": preset,
         "precision": precision,
@@ -83,6 +87,7 @@ def run_case(preset: str, precision: str, size: tuple[int, int], batch: int, war
         "latency_median_s": statistics.median(times),
         "latency_min_s": min(times),
         "latency_all_s": times,
+        "matmul_gflops": rate,
     }
     if device.startswith("cuda"):
         result["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -138,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         memory = case.get("peak_memory_mib", case.get("peak_rss_mib"))
         extra = f" ({case['peak_rss_above_baseline_mib']:.0f} MiB above baseline)" if "peak_rss_mib" in case else ""
         print(f"{args.preset} {precision}: median {case['latency_median_s']:.3f} s per forward "
-              f"{'×'.join(map(str, case['input']))}, peak memory {memory:.0f} MiB{extra}")
+              f"{'×'.join(map(str, case['input']))}, peak memory {memory:.0f} MiB{extra}; "
+              f"matmul {case['matmul_gflops']:.1f} GFLOP/s in the same process")
     if args.json:
         atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
     return 0
