@@ -507,12 +507,16 @@ class TransformerBlock(nn.Module):
         self.ffn = build_feed_forward(config, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.attn, MixedWindowAttention) and not torch.is_grad_enabled():
-            x = self.attn.residual_forward(x, self.norm1)  # the same sum, cache-blocked
+        # Inference takes the cache-blocked paths (the same sums). Not under autocast: there
+        # every small block's GEMM re-casts its weights, and the blocked bf16 forward measured
+        # 0.397 s against 0.356 s for the plain one (paper preset, 256², this CPU).
+        blocked = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+        if blocked and isinstance(self.attn, MixedWindowAttention):
+            x = self.attn.residual_forward(x, self.norm1)
         else:
             x = x + self.attn(self.norm1(x))
-        if isinstance(self.ffn, GatedFeedForward) and not torch.is_grad_enabled():
-            return self.ffn.residual_forward(x, self.norm2)  # the same sum, cache-blocked
+        if blocked and isinstance(self.ffn, GatedFeedForward):
+            return self.ffn.residual_forward(x, self.norm2)
         return x + self.ffn(self.norm2(x))
 
 
