@@ -170,6 +170,7 @@ class Bench:
     quiet: bool = False
     records: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    used: set[str] = field(default_factory=set)  # steps this report draws on (run now or reused)
 
     def __post_init__(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -182,6 +183,8 @@ class Bench:
         """Run ``command`` unless step ``name`` already finished with the same command and config
         files; returns its record. A step recorded with another command is an error, not reused."""
         fingerprint = _config_fingerprint(command)
+        with self.lock:
+            self.used.add(name)
         if name in self.records:
             recorded = self.records[name]
             if recorded["command"] != _display(command) or recorded.get("config_sha256") != fingerprint:
@@ -649,9 +652,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{meta['finished_utc']}, on {meta['machine']['description']}. Every figure below was produced by that "
         "command; the JSON beside this file holds the same figures, and `tools/benchmark.py` documents each step. "
         f"The steps took {meta['step_minutes']} min in all (each step's wall time, summed; trainings ran side by "
-        "side). fp32 matmul rate {meta['matmul_gflops_start']} GFLOP/s at the "
-        f"start and {meta['matmul_gflops_end']} at the end (2048² GEMM; figures from other machines compare "
-        "through it).\n")
+        "side). Each speed figure carries the fp32 matmul rate (2048² GEMM) measured in the same process or just "
+        "before it: this VM's speed drifts by up to about 20% within minutes, and the rate is what makes a figure "
+        "comparable with another run or machine.\n")
     if profile["name"] != "full":
         add("**This is the quick profile** (tiny data and budgets, for CI): its quality figures say nothing "
             "about the methods; run `python tools/benchmark.py` for the full tables.\n")
@@ -872,14 +875,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results["summary"] = summarise(results)
     shown = ["python", "tools/benchmark.py"] + (["--quick"] if args.quick else [])
-    first_step, last_step = _step_span(bench.records)
+    used = {name: record for name, record in bench.records.items() if name in bench.used}
+    first_step, last_step = _step_span(used)
     results["meta"] = {
         "command": " ".join(shown), "profile": asdict(profile), "started_utc": first_step or started,
         "finished_utc": last_step or _now(), "last_invocation_minutes": round((time.perf_counter() - wall) / 60, 1),
-        "step_minutes": round(sum(r["seconds"] for r in bench.records.values()) / 60, 1), "machine": machine(),
-        "matmul_gflops_start": rate_start, "matmul_gflops_end": matmul_gflops(), "threads": args.threads,
+        "step_minutes": round(sum(r["seconds"] for r in used.values()) / 60, 1), "machine": machine(),
+        "matmul_gflops_last_invocation": [rate_start, matmul_gflops()], "threads": args.threads,
         "jobs": args.jobs,
-        "tile": tile, "preset": config.model.preset, "steps": bench.records,
+        "tile": tile, "preset": config.model.preset, "steps": used,
         "budget": (f"{config.model.preset} preset, {config.train.max_steps} steps of batch {config.train.batch_size}, "
                    f"{tile}×{tile} patches, lr {config.train.optimizer.lr:g} {config.train.scheduler.name}"),
         "data": {"train_images": count_images(splits["train"]), "train_photos": photos_of(splits["train"]),
