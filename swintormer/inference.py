@@ -141,34 +141,10 @@ class SlidingWindowInferencer:
     def __call__(self, image: np.ndarray) -> np.ndarray: ...
 
     def __call__(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        if isinstance(image, np.ndarray):
-            if image.ndim != 3:
-                raise ValueError(f"expected an H×W×C array, got shape {image.shape}")
-            if not np.issubdtype(image.dtype, np.floating):
-                raise ValueError(f"expected a float array with values in [0, 1], got dtype {image.dtype}")
-            if any(step < 0 for step in image.strides):
-                image = np.ascontiguousarray(image)  # torch cannot view negative strides
-            with warnings.catch_warnings():
-                # A read-only array is fine: it is only read.
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                # A channels-last view, not a copy: windows are made contiguous one at a time.
-                chw = torch.from_numpy(image).permute(2, 0, 1)
-            accumulator = self._accumulate(chw)
-            return self._finalise(accumulator, image.shape[0], image.shape[1], channels_last=True)
-        if isinstance(image, torch.Tensor):
-            if image.ndim != 4 or image.shape[0] != 1:
-                raise ValueError(f"expected a 1×C×H×W tensor, got shape {tuple(image.shape)}")
-            if not image.is_floating_point():
-                raise ValueError(f"expected a float tensor with values in [0, 1], got dtype {image.dtype}")
-            if image.device.type != "cpu":
-                raise ValueError(
-                    "the image must be a CPU tensor (full-size buffers stay on the CPU; "
-                    f"windows are moved to {self.device}); got one on {image.device}"
-                )
-            accumulator = self._accumulate(image[0])
-            output = self._finalise(accumulator, image.shape[2], image.shape[3], channels_last=False)
-            return output.unsqueeze(0)
-        raise TypeError(f"expected a torch.Tensor or numpy.ndarray, got {type(image).__name__}")
+        chw, from_array = _image_as_chw(image, self.device)
+        accumulator = self._accumulate(chw)
+        output = self._finalise(accumulator, chw.shape[1], chw.shape[2], channels_last=from_array)
+        return output if from_array else output.unsqueeze(0)
 
     def _batches(self, image: torch.Tensor) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
         """Window corners and the matching ``N×C×tile×tile`` float32 batch, ``batch_size`` at a time."""
@@ -267,17 +243,42 @@ class WholeImageInferencer:
     def __call__(self, image: np.ndarray) -> np.ndarray: ...
 
     def __call__(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        if isinstance(image, np.ndarray):
-            if image.ndim != 3 or not np.issubdtype(image.dtype, np.floating):
-                raise ValueError(f"expected a float H×W×C array, got shape {image.shape} and dtype {image.dtype}")
-            batch = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)
-            output = _forward(self.model, batch.to(torch.float32), self.device, self.precision)
-            return output[0].permute(1, 2, 0).to(torch.float32).numpy()
-        if isinstance(image, torch.Tensor):
-            if image.ndim != 4 or image.shape[0] != 1 or not image.is_floating_point():
-                raise ValueError(f"expected a float 1×C×H×W tensor, got shape {tuple(image.shape)} and dtype {image.dtype}")
-            return _forward(self.model, image.to(torch.float32), self.device, self.precision).to(torch.float32)
-        raise TypeError(f"expected a torch.Tensor or numpy.ndarray, got {type(image).__name__}")
+        chw, from_array = _image_as_chw(image, self.device)
+        output = _forward(self.model, chw.unsqueeze(0).to(torch.float32), self.device, self.precision)[0]
+        output = output.to(torch.float32)
+        return output.permute(1, 2, 0).numpy() if from_array else output.unsqueeze(0)
+
+
+def _image_as_chw(image: torch.Tensor | np.ndarray, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """Check an inferencer's input and view it as a C×H×W CPU tensor (no copy where possible).
+
+    Accepts a float ``H×W×C`` numpy array or a float ``1×C×H×W`` CPU tensor; returns the view and
+    whether the input was an array (the output then goes back as an ``H×W×C`` array).
+    """
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3:
+            raise ValueError(f"expected an H×W×C array, got shape {image.shape}")
+        if not np.issubdtype(image.dtype, np.floating):
+            raise ValueError(f"expected a float array with values in [0, 1], got dtype {image.dtype}")
+        if any(step < 0 for step in image.strides):
+            image = np.ascontiguousarray(image)  # torch cannot view negative strides
+        with warnings.catch_warnings():
+            # A read-only array is fine: it is only read.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            # A channels-last view, not a copy: windows are made contiguous one at a time.
+            return torch.from_numpy(image).permute(2, 0, 1), True
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(f"expected a 1×C×H×W tensor, got shape {tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise ValueError(f"expected a float tensor with values in [0, 1], got dtype {image.dtype}")
+        if image.device.type != "cpu":
+            raise ValueError(
+                "the image must be a CPU tensor (full-size buffers stay on the CPU; "
+                f"windows are moved to {device}); got one on {image.device}"
+            )
+        return image[0], False
+    raise TypeError(f"expected a torch.Tensor or numpy.ndarray, got {type(image).__name__}")
 
 
 def _forward(model: nn.Module, batch: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:

@@ -389,17 +389,13 @@ def stage_two_tag(profile: Profile) -> str:
 
 
 def run_ablation(bench: Bench, profile: Profile, rows: list[Row], caches: dict[int, dict[str, Path]],
-                 splits: dict[str, Path], jobs: int) -> list[dict[str, Any]]:
+                 splits: dict[str, Path], tile: int, jobs: int) -> list[dict[str, Any]]:
     """Train every row (``jobs`` at a time, the cores shared out between them), then score each."""
-    from swintormer.config import load_config
-    from pipelines.train_swintormer import SwintormerTrainConfig
-
-    config = load_config(SwintormerTrainConfig, REPO_ROOT / profile.swintormer_config, [])
-    tile = config.data.patch_size
+    tag = stage_two_tag(profile)
     trainings = []
     for row in rows:
         for seed in row.seeds:
-            run_name = f"{row.key}_s{seed}_{stage_two_tag(profile)}"
+            run_name = f"{row.key}_s{seed}_{tag}"
             command = [PYTHON, "-m", "pipelines.train_swintormer", "--config", profile.swintormer_config,
                        "--data", str(splits["train"]), "--output", str(bench.work / "runs" / run_name),
                        f"train.seed={seed}", *row.overrides]
@@ -413,7 +409,7 @@ def run_ablation(bench: Bench, profile: Profile, rows: list[Row], caches: dict[i
     results = []
     for row in rows:
         for seed in row.seeds:
-            run_name = f"{row.key}_s{seed}_{stage_two_tag(profile)}"
+            run_name = f"{row.key}_s{seed}_{tag}"
             run_dir = bench.work / "runs" / run_name
             train_record = bench.records[f"train_{run_name}"]
             model = run_dir / "model"
@@ -436,11 +432,12 @@ def run_inference_ablation(bench: Bench, profile: Profile, caches: dict[int, dic
     """The headline models deblurred whole (padded) and with sliding windows at two strides."""
     results = []
     T = profile.headline_steps
+    tag = stage_two_tag(profile)
     modes = [("whole", "whole image, padded", ["--whole"])]
     modes += [(f"stride{s}", f"sliding {tile}×{tile}, stride {s}", ["--tile", str(tile), "--stride", str(s)])
               for s in profile.strides]
     for seed in profile.seeds:
-        run_name = f"mixed_prior_s{seed}_{stage_two_tag(profile)}"
+        run_name = f"mixed_prior_s{seed}_{tag}"
         model = bench.work / "runs" / run_name / "model"
         for key, label, options in modes:
             scores = {}
@@ -852,18 +849,18 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(work, args.threads, quiet=args.quiet)
     started, wall = _now(), time.perf_counter()
     rate_start = matmul_gflops()
+    from swintormer.config import load_config
+    from pipelines.train_swintormer import SwintormerTrainConfig
+
+    config = load_config(SwintormerTrainConfig, REPO_ROOT / profile.swintormer_config, [])
+    tile = config.data.patch_size  # stage two's training size: the sliding-window size everywhere
     try:
         splits = make_data(bench, profile)
         prior_model = train_prior(bench, profile, splits["train"])
         caches = cache_priors(bench, profile, prior_model, splits)
         rows = ablation_rows(profile, args.vgg_weights, args.mae_weights)
         results: dict[str, Any] = {"references": run_references(bench, profile, caches, splits),
-                                   "ablation": run_ablation(bench, profile, rows, caches, splits, args.jobs)}
-        from swintormer.config import load_config
-        from pipelines.train_swintormer import SwintormerTrainConfig
-
-        config = load_config(SwintormerTrainConfig, REPO_ROOT / profile.swintormer_config, [])
-        tile = config.data.patch_size
+                                   "ablation": run_ablation(bench, profile, rows, caches, splits, tile, args.jobs)}
         results["inference"] = run_inference_ablation(bench, profile, caches, splits, tile)
         results["prior_cost"] = prior_sampling_cost(bench, profile, splits)
         if not args.skip_speed:
