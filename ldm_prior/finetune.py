@@ -3,7 +3,8 @@
 SPEC 4: the VQ encoder and the UNet backbone (``conv_in``, time embedding, down blocks, mid
 block) stay frozen; the decoder side trains. Two objectives:
 
-* ``noise`` (default): the UNet decoder side learns the usual noise prediction. The clean
+* ``noise`` (default): the UNet decoder side learns the usual noise prediction (or velocity
+  prediction, for a schedule with ``prediction_type: v_prediction``). The clean
   latent is the VQ encoding of the sharp image (upsampled 4x first in ``full`` mode, so the
   latent has the blurry image's size); the condition is the blurry image (``full``) or its 4x
   area-downsampled copy (``quarter``).
@@ -12,7 +13,8 @@ block) stay frozen; the decoder side trains. Two objectives:
   ``NLayerDiscriminator``) when their weights are positive.
 
 A third objective, ``vq_autoencoder``, is not part of the authors' method: it trains a VQGAN
-built from random weights (encoder included) as an autoencoder of sharp images (L1), the step a
+built from random weights (encoder included) as an autoencoder of sharp images (L1; in ``full``
+mode of their 4x upsampled copies, decoded and area-downsampled as a prior is), the step a
 from-scratch CPU model needs before any prior it samples can resemble an image.
 
 Parameter names carry the component prefix: ``unet.up_blocks.0.resnets.0.conv1.weight``,
@@ -128,17 +130,33 @@ def _noisy(
     return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
 
+def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the noise, or the velocity (``prediction_type``)."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def clean_latent_estimate(scheduler, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The one-step estimate of the clean latent from the UNet's prediction at ``timesteps``."""
+    alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[timesteps].view(-1, 1, 1, 1)
+    if scheduler.config.prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * prediction
+    return (noisy - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
+
+
 def noise_prediction_loss(
     model: PriorModel, blurry: torch.Tensor, sharp: torch.Tensor, mode: str, scheduler,
     generator: torch.Generator | None = None, unet: nn.Module | None = None,
 ) -> torch.Tensor:
-    """MSE between the true and the predicted noise at a random timestep (DDPM training).
+    """DDPM training: MSE between the UNet's prediction at a random timestep and its target (the
+    noise, or the velocity for a ``v_prediction`` schedule).
     ``generator`` (CPU) fixes timesteps and noise, for a deterministic validation loss;
     ``unet`` overrides ``model.unet`` (e.g. a DDP-wrapped one)."""
     latents, condition = latent_target_and_condition(model, blurry, sharp, mode)
     noisy, noise, timesteps = _noisy(scheduler, latents, generator)
     prediction = (unet or model.unet)(torch.cat([noisy, condition], dim=1), timesteps).sample
-    return F.mse_loss(prediction.float(), noise.float())
+    return F.mse_loss(prediction.float(), prediction_target(scheduler, latents, noise, timesteps).float())
 
 
 def vq_decoder_reconstruction(
@@ -151,21 +169,34 @@ def vq_decoder_reconstruction(
     with torch.no_grad():
         latents, condition = latent_target_and_condition(model, blurry, sharp, mode)
         noisy, noise, timesteps = _noisy(scheduler, latents, generator, max_timestep)
-        predicted_noise = model.unet(torch.cat([noisy, condition], dim=1), timesteps).sample
-        alpha_bar = scheduler.alphas_cumprod.to(latents.device)[timesteps].view(-1, 1, 1, 1)
-        estimate = (noisy - (1 - alpha_bar).sqrt() * predicted_noise) / alpha_bar.sqrt()
+        prediction = model.unet(torch.cat([noisy, condition], dim=1), timesteps).sample
+        estimate = clean_latent_estimate(scheduler, noisy, prediction, timesteps)
     decoded = model.vqvae.decode(estimate / model.config.latent_scale).sample
     if mode == "full":
         decoded = F.avg_pool2d(decoded, model.config.vq_factor)
     return decoded
 
 
-def vq_autoencoder_reconstruction(model: PriorModel, sharp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VQGAN's reconstruction (in [-1, 1]) of the sharp image and its codebook/commitment
-    loss (which is what moves the codebook); gradients reach encoder, codebook and decoder."""
-    encoded = model.vqvae.encode(sharp * 2 - 1).latents
-    decoded = model.vqvae.decode(encoded)
-    return decoded.sample, decoded.commit_loss
+def vq_autoencoder_reconstruction(
+    model: PriorModel, sharp: torch.Tensor, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VQGAN's reconstruction (in [-1, 1], the sharp image's size) of the sharp image and its
+    codebook/commitment loss (which is what moves the codebook); gradients reach encoder,
+    codebook and decoder.
+
+    The autoencoder learns the images it will decode in ``mode``: in ``quarter`` mode the sharp
+    image itself; in ``full`` mode its 4x upsampled copy, whose decoding is area-downsampled
+    back exactly as a sampled prior is (:func:`vq_decoder_reconstruction`, the sampler)."""
+    factor = model.config.vq_factor
+    if mode == "full":
+        image = F.interpolate(sharp, scale_factor=factor, mode="bicubic", align_corners=False).clamp(0, 1)
+    elif mode == "quarter":
+        image = sharp
+    else:
+        raise ValueError(f"unknown conditioning mode {mode!r}")
+    decoded = model.vqvae.decode(model.vqvae.encode(image * 2 - 1).latents)
+    restored = F.avg_pool2d(decoded.sample, factor) if mode == "full" else decoded.sample
+    return restored, decoded.commit_loss
 
 
 @torch.no_grad()

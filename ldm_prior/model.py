@@ -58,6 +58,11 @@ class SchedulerSpec(BaseModel):
     beta_end: float = Field(0.0155, gt=0)
     # diffusers' "scaled_linear" is LDM's "linear" (linear in sqrt(beta)).
     beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
+    # What the UNet predicts: the noise (LDM and the public model) or the velocity
+    # v = sqrt(ab)·noise − sqrt(1−ab)·latent (Salimans & Ho, 2022). With "epsilon" the loss barely
+    # constrains the clean latent at high noise, where sampling starts, so a small UNet trained
+    # briefly from random weights samples drifting colours; "v_prediction" supervises it there.
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
 
 
 class PriorConfig(BaseModel):
@@ -163,6 +168,7 @@ def _scheduler_kwargs(spec: SchedulerSpec) -> dict:
         "beta_start": spec.beta_start,
         "beta_end": spec.beta_end,
         "beta_schedule": spec.beta_schedule,
+        "prediction_type": spec.prediction_type,
         "clip_sample": False,
     }
 
@@ -266,6 +272,7 @@ def _config_from_components(unet: UNet2DModel, vqvae: VQModel, scheduler_file: P
             beta_start=raw.get("beta_start", 0.0015),
             beta_end=raw.get("beta_end", 0.0155),
             beta_schedule=raw.get("beta_schedule", "scaled_linear"),
+            prediction_type=raw.get("prediction_type", "epsilon"),
         )
     return PriorConfig(
         name="pretrained",

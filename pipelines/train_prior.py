@@ -46,6 +46,10 @@ class PriorModelSection(StrictModel):
     # Set the latent scale (LDM's scale_factor) to 1/std of the training latents before training
     # (for a VQGAN trained here; the public model's 1.0 is right for it).
     estimate_latent_scale: bool = False
+    # Set what the UNet predicts (ldm_prior.model.SchedulerSpec): "v_prediction" for a UNet that
+    # starts from random weights; None keeps the model's own (the public model's: "epsilon").
+    # Changing it on a trained UNet throws away what it learned.
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
 
 
 class PriorLossSection(StrictModel):
@@ -131,7 +135,7 @@ class PriorTrainer(nn.Module):
         if self.objective == "vq_autoencoder":
             from ldm_prior.finetune import vq_autoencoder_reconstruction
 
-            restored, codebook_loss = vq_autoencoder_reconstruction(self.prior, sharp)
+            restored, codebook_loss = vq_autoencoder_reconstruction(self.prior, sharp, self.mode)
         else:
             restored = vq_decoder_reconstruction(self.prior, blurry, sharp, self.mode, self.scheduler, config.max_timestep)
             codebook_loss = None
@@ -162,15 +166,21 @@ def load_model(config: PriorTrainConfig):
     from ldm_prior.model import NAMED_CONFIGS, PriorModel
 
     source = config.model.source
-    if source in NAMED_CONFIGS:
-        return PriorModel.from_config(source, seed=config.model.init_seed)
     path = Path(source)
-    if path.is_file():
-        return load_compvis_checkpoint(path, config.model.compvis_architecture)
-    if path.is_dir():
-        return PriorModel.from_pretrained(path)
-    raise ConfigError(f"model.source {source!r}: neither a named configuration {sorted(NAMED_CONFIGS)} nor a "
-                      "model folder or checkpoint file")
+    if source in NAMED_CONFIGS:
+        prior = PriorModel.from_config(source, seed=config.model.init_seed)
+    elif path.is_file():
+        prior = load_compvis_checkpoint(path, config.model.compvis_architecture)
+    elif path.is_dir():
+        prior = PriorModel.from_pretrained(path)
+    else:
+        raise ConfigError(f"model.source {source!r}: neither a named configuration {sorted(NAMED_CONFIGS)} nor a "
+                          "model folder or checkpoint file")
+    wanted = config.model.prediction_type
+    if wanted is not None and wanted != prior.config.scheduler.prediction_type:
+        scheduler = prior.config.scheduler.model_copy(update={"prediction_type": wanted})
+        prior.config = prior.config.model_copy(update={"scheduler": scheduler})
+    return prior
 
 
 def centre_crop_tensor(image: torch.Tensor, size: int, unit: int) -> torch.Tensor:
@@ -185,8 +195,8 @@ def centre_crop_tensor(image: torch.Tensor, size: int, unit: int) -> torch.Tenso
 
 def make_validation(config: PriorTrainConfig, dataset):
     """Validation hook: noise-prediction loss on fixed draws, PSNR of the VQ autoencoder's
-    reconstruction of the sharp crop, and optionally the PSNR of sampled priors and of the inputs."""
-    from ldm_prior.finetune import noise_prediction_loss
+    reconstruction of the sharp crop (through the mode's path: 4x up and back in ``full``), and optionally the PSNR of sampled priors and of the inputs."""
+    from ldm_prior.finetune import noise_prediction_loss, vq_autoencoder_reconstruction
     from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed
     from swintormer.metrics import psnr
 
@@ -206,7 +216,7 @@ def make_validation(config: PriorTrainConfig, dataset):
             generator = torch.Generator().manual_seed(settings.seed + index)
             for _ in range(settings.noise_draws):
                 losses.append(float(noise_prediction_loss(prior, blurry, sharp, config.mode, scheduler, generator=generator)))
-            reconstructed = prior.vqvae.decode(prior.vqvae.encode(sharp * 2 - 1).latents).sample
+            reconstructed = vq_autoencoder_reconstruction(prior, sharp, config.mode)[0]
             reconstructed = ((reconstructed[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
             vq_scores.append(psnr(reconstructed, sharp[0].permute(1, 2, 0).cpu().numpy()))
             if settings.prior_psnr:
