@@ -77,7 +77,36 @@ def feather_weights(tile: int, stride: int) -> np.ndarray:
     return np.minimum(1.0, (distance_to_edge + 1) / ramp)
 
 
-class SlidingWindowInferencer:
+class _Inferencer:
+    """What both inferencers share: the precision and device set-up, and a call that takes a
+    float ``H×W×C`` array or ``1×C×H×W`` CPU tensor and answers in the same form, float32.
+    Subclasses implement :meth:`_restore` on the C×H×W view."""
+
+    def __init__(self, model: nn.Module, precision: Precision = "fp32", device: torch.device | str | None = None) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        self.model = model.eval()
+        self.precision = precision
+        self.device = torch.device(device) if device is not None else _model_device(model)
+
+    @overload
+    def __call__(self, image: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    def __call__(self, image: np.ndarray) -> np.ndarray: ...
+
+    def __call__(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        chw, from_array = _image_as_chw(image, self.device)
+        output = self._restore(chw, channels_last=from_array)
+        return output if from_array else output.unsqueeze(0)
+
+    def _restore(self, image: torch.Tensor, channels_last: bool) -> torch.Tensor | np.ndarray:
+        """The model's output for a C×H×W image: a float32 ``H×W×C_out`` array if
+        ``channels_last``, else a float32 ``C_out×H×W`` tensor."""
+        raise NotImplementedError
+
+
+class SlidingWindowInferencer(_Inferencer):
     """Runs a model on overlapping ``tile``×``tile`` windows of an image and blends the outputs.
 
     ``model`` maps ``N×C×tile×tile`` to ``N×C_out×tile×tile`` (a Swintormer: C = 6 with prior,
@@ -112,15 +141,11 @@ class SlidingWindowInferencer:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if blend not in BLEND_MODES:
             raise ValueError(f"blend must be one of {', '.join(BLEND_MODES)}; got {blend!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-        self.model = model.eval()
+        super().__init__(model, precision, device)
         self.tile = tile
         self.stride = stride
         self.batch_size = batch_size
         self.blend = blend
-        self.precision = precision
-        self.device = torch.device(device) if device is not None else _model_device(model)
         self.progress = progress
         self.progress_description = progress_description
         if blend == "feather":
@@ -134,17 +159,8 @@ class SlidingWindowInferencer:
         cols = window_starts(width, self.tile, self.stride)
         return [(top, left) for top in rows for left in cols]
 
-    @overload
-    def __call__(self, image: torch.Tensor) -> torch.Tensor: ...
-
-    @overload
-    def __call__(self, image: np.ndarray) -> np.ndarray: ...
-
-    def __call__(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        chw, from_array = _image_as_chw(image, self.device)
-        accumulator = self._accumulate(chw)
-        output = self._finalise(accumulator, chw.shape[1], chw.shape[2], channels_last=from_array)
-        return output if from_array else output.unsqueeze(0)
+    def _restore(self, image: torch.Tensor, channels_last: bool) -> torch.Tensor | np.ndarray:
+        return self._finalise(self._accumulate(image), image.shape[1], image.shape[2], channels_last)
 
     def _batches(self, image: torch.Tensor) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
         """Window corners and the matching ``N×C×tile×tile`` float32 batch, ``batch_size`` at a time."""
@@ -222,31 +238,17 @@ class SlidingWindowInferencer:
         return output
 
 
-class WholeImageInferencer:
+class WholeImageInferencer(_Inferencer):
     """Runs a model on the whole image at once; same call interface as :class:`SlidingWindowInferencer`.
 
     The model sees the image padded only to its own size multiple (a Swintormer reflect-pads and
     crops back), so there are no window seams, but memory grows with the image.
     """
 
-    def __init__(self, model: nn.Module, precision: Precision = "fp32", device: torch.device | str | None = None) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-        self.model = model.eval()
-        self.precision = precision
-        self.device = torch.device(device) if device is not None else _model_device(model)
-
-    @overload
-    def __call__(self, image: torch.Tensor) -> torch.Tensor: ...
-
-    @overload
-    def __call__(self, image: np.ndarray) -> np.ndarray: ...
-
-    def __call__(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        chw, from_array = _image_as_chw(image, self.device)
-        output = _forward(self.model, chw.unsqueeze(0).to(torch.float32), self.device, self.precision)[0]
+    def _restore(self, image: torch.Tensor, channels_last: bool) -> torch.Tensor | np.ndarray:
+        output = _forward(self.model, image.unsqueeze(0).to(torch.float32), self.device, self.precision)[0]
         output = output.to(torch.float32)
-        return output.permute(1, 2, 0).numpy() if from_array else output.unsqueeze(0)
+        return output.permute(1, 2, 0).numpy() if channels_last else output
 
 
 def _image_as_chw(image: torch.Tensor | np.ndarray, device: torch.device) -> tuple[torch.Tensor, bool]:
