@@ -94,21 +94,25 @@ def check_patch_size(model: PriorModel, height: int, width: int, mode: str) -> N
                          f"multiples of {unit}")
 
 
+def image_to_encode(model: PriorModel, sharp: torch.Tensor, mode: str) -> torch.Tensor:
+    """The image (in [0, 1]) whose VQ encoding is the clean latent in ``mode``: the sharp image
+    itself in ``quarter`` mode, its 4x bicubic upsampling in ``full`` mode (so that the latent
+    has the blurry image's size)."""
+    if mode == "full":
+        return F.interpolate(sharp, scale_factor=model.config.vq_factor, mode="bicubic", align_corners=False).clamp(0, 1)
+    if mode == "quarter":
+        return sharp
+    raise ValueError(f"unknown conditioning mode {mode!r}")
+
+
 @torch.no_grad()
 def latent_target_and_condition(
     model: PriorModel, blurry: torch.Tensor, sharp: torch.Tensor, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean latent (VQ encoding of the sharp image, before quantisation, as LDM trains) and
     the condition, from N x 3 x H x W images in [0, 1]."""
-    factor = model.config.vq_factor
-    if mode == "full":
-        target_image = F.interpolate(sharp, scale_factor=factor, mode="bicubic", align_corners=False).clamp(0, 1)
-        condition = blurry
-    elif mode == "quarter":
-        target_image = sharp
-        condition = F.avg_pool2d(blurry, factor)
-    else:
-        raise ValueError(f"unknown conditioning mode {mode!r}")
+    target_image = image_to_encode(model, sharp, mode)
+    condition = blurry if mode == "full" else F.avg_pool2d(blurry, model.config.vq_factor)
     latents = model.vqvae.encode(target_image * 2 - 1).latents * model.config.latent_scale
     return latents, condition * 2 - 1
 
@@ -187,15 +191,9 @@ def vq_autoencoder_reconstruction(
     The autoencoder learns the images it will decode in ``mode``: in ``quarter`` mode the sharp
     image itself; in ``full`` mode its 4x upsampled copy, whose decoding is area-downsampled
     back exactly as a sampled prior is (:func:`vq_decoder_reconstruction`, the sampler)."""
-    factor = model.config.vq_factor
-    if mode == "full":
-        image = F.interpolate(sharp, scale_factor=factor, mode="bicubic", align_corners=False).clamp(0, 1)
-    elif mode == "quarter":
-        image = sharp
-    else:
-        raise ValueError(f"unknown conditioning mode {mode!r}")
+    image = image_to_encode(model, sharp, mode)
     decoded = model.vqvae.decode(model.vqvae.encode(image * 2 - 1).latents)
-    restored = F.avg_pool2d(decoded.sample, factor) if mode == "full" else decoded.sample
+    restored = F.avg_pool2d(decoded.sample, model.config.vq_factor) if mode == "full" else decoded.sample
     return restored, decoded.commit_loss
 
 
