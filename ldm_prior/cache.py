@@ -9,7 +9,7 @@ Layout of a cache folder::
 gives ``entries/inputC/a.png.safetensors``), so images with equal stems in different folders
 stay apart. An entry holds one tensor ``prior`` (float16, H x W x 3, in [0, 1]) and
 safetensors metadata (str -> str): the cache format version, the prior weights fingerprint, the
-sampler settings (sampler, steps, eta, mode, tiles), the run seed, the image's own seed, the
+sampler settings (sampler, steps, eta, mode, timestep spacing, tiles), the run seed, the image's own seed, the
 source image's SHA-256, its relative name and size.
 
 Every file is written atomically (temporary file in the same folder, then ``os.replace``), so a
@@ -41,9 +41,12 @@ ENTRIES_DIR = "entries"
 PRIOR_KEY = "prior"
 # Metadata keys that must equal the manifest's settings; the rest describe the image itself.
 SETTINGS_KEYS = (
-    "format_version", "prior_fingerprint", "sampler", "steps", "eta", "mode",
+    "format_version", "prior_fingerprint", "sampler", "steps", "eta", "mode", "timestep_spacing",
     "tile", "tile_stride", "decode_tile", "decode_stride", "seed",
 )
+# Settings added after caches were first written, with the value every older cache was made with:
+# a manifest or entry without the key reads as having this value, so old caches stay valid.
+LATER_SETTINGS = {"timestep_spacing": "leading"}
 
 
 class PriorCacheError(ValueError):
@@ -88,6 +91,7 @@ class CacheSettings:
 
 
 def _settings_difference(found: dict[str, str], expected: dict[str, str]) -> str | None:
+    found = {**LATER_SETTINGS, **found}
     for key in SETTINGS_KEYS:
         if key in expected and found.get(key) != expected[key]:
             return f"{key} is {found.get(key)!r}, expected {expected[key]!r}"
@@ -164,7 +168,8 @@ def read_manifest(cache_root: str | os.PathLike[str]) -> dict:
         raise PriorCacheError(f"{path}: no cache manifest (is {cache_root} a prior cache?)")
     try:
         manifest = json.loads(path.read_text())
-        manifest["settings"], manifest["data_root"]  # noqa: B018 - both keys must exist
+        manifest["settings"] = {**LATER_SETTINGS, **manifest["settings"]}
+        manifest["data_root"]  # noqa: B018 - the key must exist
     except (ValueError, KeyError, TypeError) as exc:
         raise PriorCacheError(f"{path}: damaged cache manifest ({exc})") from None
     return manifest

@@ -193,9 +193,12 @@ class PriorModel(torch.nn.Module):
             torch.manual_seed(seed)
             return cls(config)
 
-    def ddim_scheduler(self) -> DDIMScheduler:
-        """A fresh DDIM sampler on the model's training schedule."""
-        return DDIMScheduler(**_scheduler_kwargs(self.config.scheduler), set_alpha_to_one=True)
+    def ddim_scheduler(self, timestep_spacing: str = "leading") -> DDIMScheduler:
+        """A fresh DDIM sampler on the model's training schedule; ``timestep_spacing`` places its
+        T timesteps (see :class:`ldm_prior.sampling.SamplingSettings`)."""
+        return DDIMScheduler(
+            **_scheduler_kwargs(self.config.scheduler), set_alpha_to_one=True, timestep_spacing=timestep_spacing
+        )
 
     def ddpm_scheduler(self) -> DDPMScheduler:
         """A fresh DDPM scheduler (noising for training) on the same schedule."""

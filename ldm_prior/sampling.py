@@ -37,15 +37,26 @@ from ldm_prior.model import PriorModel
 
 ConditioningMode = Literal["full", "quarter"]
 CONDITIONING_MODES: tuple[str, ...] = ("full", "quarter")
+TimestepSpacing = Literal["leading", "trailing"]
+TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "trailing")
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How a prior is sampled. The tile sizes are in latent pixels (the authors: 128 / 64)."""
+    """How a prior is sampled. The tile sizes are in latent pixels (the authors: 128 / 64).
+
+    ``timestep_spacing`` places the T DDIM timesteps among the 1000 training ones. ``leading``
+    (the authors' and LDM's sampler; diffusers' default) takes 0, 1000/T, …, so the first step
+    treats pure noise as the latent at t = 1000 − 1000/T: 980 for T = 50, but 800 for T = 5 and 0
+    for T = 1, where the model expects a latent with signal left in it. ``trailing`` (Lin et al.,
+    2024, "Common diffusion noise schedules and sample steps are flawed") ends the list at t = 999,
+    so sampling always starts from the noise level it is drawn at; it matters for small T.
+    """
 
     steps: int = 50
     eta: float = 0.0
     mode: ConditioningMode = "full"
+    timestep_spacing: TimestepSpacing = "leading"
     tile: int = 128
     tile_stride: int = 64
     decode_tile: int = 64
@@ -59,6 +70,8 @@ class SamplingSettings:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"unknown timestep spacing {self.timestep_spacing!r}; choose one of {TIMESTEP_SPACINGS}")
         for name in ("tile", "tile_stride", "decode_tile", "decode_stride", "tile_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -72,6 +85,7 @@ class SamplingSettings:
             "steps": str(self.steps),
             "eta": repr(float(self.eta)),
             "mode": self.mode,
+            "timestep_spacing": self.timestep_spacing,
             "tile": str(self.tile),
             "tile_stride": str(self.tile_stride),
             "decode_tile": str(self.decode_tile),
@@ -185,7 +199,7 @@ class PriorSampler:
 
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         latent_shape = (1, config.vqvae.latent_channels, condition.shape[-2], condition.shape[-1])
-        scheduler = self.model.ddim_scheduler()
+        scheduler = self.model.ddim_scheduler(settings.timestep_spacing)
         scheduler.set_timesteps(settings.steps)
         latents = torch.randn(latent_shape, generator=generator, dtype=torch.float32).to(device)
         latents = latents * scheduler.init_noise_sigma

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=("full", "quarter"), default="full",
                         help="conditioning: 'full' (blurry image at latent size, the authors') or "
                         "'quarter' (4x-downsampled condition, ~16x cheaper) (default: %(default)s)")
+    parser.add_argument("--timestep-spacing", choices=("leading", "trailing"), default="leading",
+                        help="where the T DDIM steps sit: 'leading' (the authors' sampler; starts at t = 980 "
+                        "for T = 50 but t = 800 for T = 5) or 'trailing' (always starts at t = 999, better for "
+                        "small T) (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from it "
                         "and the image's relative path (default: %(default)s)")
     parser.add_argument("--tile", type=positive_int, default=128, help="latent tile side (default: %(default)s)")
@@ -89,7 +93,8 @@ def _verify(args: argparse.Namespace, images: list[Path]) -> int:
     from ldm_prior.cache import PriorCache, PriorCacheError
     from swintormer.datasets import image_size
 
-    expected = {"steps": str(args.steps), "eta": repr(float(args.eta)), "mode": args.mode, "seed": str(args.seed)}
+    expected = {"steps": str(args.steps), "eta": repr(float(args.eta)), "mode": args.mode,
+                "timestep_spacing": args.timestep_spacing, "seed": str(args.seed)}
     if args.prior:
         from ldm_prior.model import load_prior
 
@@ -122,7 +127,8 @@ def _build(args: argparse.Namespace, images: list[Path]) -> int:
         raise UserError("--prior is required to build a cache")
     try:
         sampling = SamplingSettings(
-            steps=args.steps, eta=args.eta, mode=args.mode, tile=args.tile, tile_stride=args.tile_stride,
+            steps=args.steps, eta=args.eta, mode=args.mode, timestep_spacing=args.timestep_spacing,
+            tile=args.tile, tile_stride=args.tile_stride,
             decode_tile=args.decode_tile, decode_stride=args.decode_stride, tile_batch=args.tile_batch,
         )
     except ValueError as exc:

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(priors made by another tool)")
     priors.add_argument("--prior-steps", type=positive_int, default=50,
                         help="DDIM steps when sampling with --prior-model (default: %(default)s, the paper's T)")
+    priors.add_argument("--prior-timestep-spacing", choices=("leading", "trailing"), default="leading",
+                        help="DDIM timestep spacing for --prior-model sampling, as 'cache-priors "
+                        "--timestep-spacing' (default: %(default)s, the authors')")
     priors.add_argument("--prior-seed", type=int, default=0,
                         help="seed for --prior-model sampling; each image's noise comes from this seed "
                         "and its file name (default: %(default)s)")
@@ -221,7 +224,7 @@ class ImagePriors(Protocol):
 class _SampledPriors:
     """Priors sampled now with the stage-one model (``--prior-model``)."""
 
-    def __init__(self, model_dir: Path, device: torch.device, steps: int, seed: int) -> None:
+    def __init__(self, model_dir: Path, device: torch.device, steps: int, seed: int, timestep_spacing: str = "leading") -> None:
         from ldm_prior.model import PriorModel
         from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed
 
@@ -229,7 +232,7 @@ class _SampledPriors:
             model = PriorModel.from_pretrained(model_dir)
         except (OSError, ValueError) as error:
             raise RunError(f"cannot load the prior model {model_dir}: {error}") from None
-        self._sampler = PriorSampler(model.to(device), SamplingSettings(steps=steps))
+        self._sampler = PriorSampler(model.to(device), SamplingSettings(steps=steps, timestep_spacing=timestep_spacing))
         self._image_seed = image_seed
         self._seed = seed
 
@@ -288,7 +291,7 @@ def make_prior_source(args: argparse.Namespace, in_channels: int, device: torch.
         return _CachedPriors(args.prior_cache)
     if args.prior_folder is not None:
         return _FolderPriors(args.prior_folder)
-    return _SampledPriors(args.prior_model, device, args.prior_steps, args.prior_seed)
+    return _SampledPriors(args.prior_model, device, args.prior_steps, args.prior_seed, args.prior_timestep_spacing)
 
 
 def resolve_device(requested: str) -> tuple[torch.device, PartialState]:

@@ -132,11 +132,9 @@ def test_a_six_channel_model_gets_the_prior_from_the_prior_model(
 
 def make_prior_cache(cache: Path, data_root: Path, priors: dict[Path, np.ndarray]) -> None:
     from ldm_prior.cache import CacheSettings, PriorCacheWriter, file_sha256, prepare_cache
+    from ldm_prior.sampling import SamplingSettings
 
-    settings = CacheSettings(prior_fingerprint="test-prior", sampling={
-        "sampler": "ddim", "steps": "50", "eta": "0.0", "mode": "full", "tile": "128", "tile_stride": "64",
-        "decode_tile": "64", "decode_stride": "48",
-    }, seed=0)
+    settings = CacheSettings(prior_fingerprint="test-prior", sampling=SamplingSettings().as_metadata(), seed=0)
     prepare_cache(cache, settings, data_root)
     writer = PriorCacheWriter(cache, data_root, settings)
     for image, prior in priors.items():

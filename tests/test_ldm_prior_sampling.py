@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
+from ldm_prior.finetune import clean_latent_estimate
 from ldm_prior.model import PriorModel
 from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed, tile_starts
 
@@ -85,3 +88,35 @@ def test_bad_settings_are_refused() -> None:
         SamplingSettings(eta=2.0)
     with pytest.raises(ValueError, match="gaps"):
         SamplingSettings(tile=16, tile_stride=32)
+    with pytest.raises(ValueError, match="unknown timestep spacing 'linspace'"):
+        SamplingSettings(timestep_spacing="linspace")
+
+
+@pytest.mark.parametrize("steps,leading,trailing", [(1, [0], [999]), (5, [800, 600, 400, 200, 0], [999, 799, 599, 399, 199])])
+def test_timestep_spacing_places_the_ddim_steps(tiny: PriorModel, steps: int, leading: list, trailing: list) -> None:
+    for spacing, expected in (("leading", leading), ("trailing", trailing)):
+        scheduler = tiny.ddim_scheduler(spacing)
+        scheduler.set_timesteps(steps)
+        assert scheduler.timesteps.tolist() == expected
+
+
+def test_one_trailing_step_decodes_the_clean_latent_estimate_from_pure_noise(tiny: PriorModel) -> None:
+    """With trailing spacing and T = 1, DDIM (eta 0, alpha_prev = 1) returns the UNet's one-step
+    estimate of the clean latent at t = 999 from the initial noise; computed here by hand."""
+    image = _photo(16, 24)
+    settings = SamplingSettings(steps=1, mode="full", timestep_spacing="trailing", **UNTILED)
+    prior = PriorSampler(tiny, settings).sample(image, seed=3)
+
+    config = tiny.config
+    condition = torch.from_numpy(image).permute(2, 0, 1)[None] * 2 - 1
+    noise = torch.randn((1, config.vqvae.latent_channels, 16, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        timestep = torch.tensor([999])
+        prediction = tiny.unet(torch.cat([noise, condition], dim=1), timestep).sample
+        latent = clean_latent_estimate(tiny.ddim_scheduler(), noise, prediction, timestep)
+        decoded = tiny.vqvae.decode(latent / config.latent_scale).sample.clamp(-1, 1)
+    by_hand = ((F.avg_pool2d(decoded, config.vq_factor) + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    assert np.abs(prior - by_hand).max() < 1e-5
+    # The default (leading) spacing runs its single step at t = 0 instead: another prior.
+    leading = PriorSampler(tiny, SamplingSettings(steps=1, mode="full", **UNTILED)).sample(image, seed=3)
+    assert np.abs(leading - by_hand).max() > 1e-3

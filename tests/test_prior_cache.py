@@ -147,6 +147,31 @@ def test_reader_refuses_other_settings_and_changed_sources(setup, capsys, tmp_pa
         cache.prior_for(moved / "target" / "p1.png")
 
 
+def test_timestep_spacing_is_a_cache_setting_and_older_caches_read_as_leading(setup, capsys, tmp_path) -> None:
+    import shutil
+
+    assert json.loads((setup["cache"] / "manifest.json").read_text())["settings"]["timestep_spacing"] == "leading"
+    with pytest.raises(PriorCacheError, match="timestep_spacing is 'leading', expected 'trailing'"):
+        PriorCache(setup["cache"], expected={"timestep_spacing": "trailing"})
+    assert _run(setup, setup["cache"], "--timestep-spacing", "trailing") == 2
+    assert "timestep_spacing" in capsys.readouterr().err
+    # A cache written before the setting existed: no timestep_spacing in its manifest or entries.
+    old = tmp_path / "old"
+    shutil.copytree(setup["cache"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["settings"]["timestep_spacing"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    for entry in (old / "entries").rglob("*.safetensors"):
+        prior, metadata = read_entry(entry)
+        del metadata["timestep_spacing"]
+        entry.write_bytes(encode_entry(prior, metadata))
+    cache = PriorCache(old, data_root=setup["data"], expected={"timestep_spacing": "leading"})
+    assert np.array_equal(cache.prior_for(setup["data"] / "input" / "p1.png"),
+                          PriorCache(setup["cache"]).prior_for(setup["data"] / "input" / "p1.png"))
+    assert _run(setup, old, "--verify") == 0
+    assert _run(setup, old) == 0 and "0 priors made, 3 already valid" in capsys.readouterr().out
+
+
 def test_bad_command_lines_exit_with_one_error_line(setup, capsys, tmp_path) -> None:
     assert cache_priors(["--prior", str(setup["prior"]), "--data", str(tmp_path / "none"), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
