@@ -6,7 +6,10 @@ the processes; each image's noise comes from its own seed (the run seed and its 
 so one process and many build the same cache. Entries are written atomically; a rerun (after a
 crash or ``kill -9``) skips the valid entries and makes the rest. ``--verify`` makes nothing: it
 checks every entry (present, readable, same settings as the manifest, same source hash, right
-size) and exits 1 if any is not. The cache format is described in ``ldm_prior/cache.py``.
+size) and exits 1 if any is not. ``--export DIR`` makes nothing either: it writes every image's
+cached prior as a 16-bit PNG ``DIR/<image stem>.png``, to look at, or to score against the sharp
+images like any restoration (``swintormer evaluate --restored DIR --target SPLIT``). The cache
+format is described in ``ldm_prior/cache.py``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
             "safetensors entry per image (float16 prior plus what made it) under --out. Shards over "
             "'accelerate launch' processes; resumes an interrupted run; --verify checks a cache."
         ),
-        epilog="Exit code: 0 done (or cache valid), 1 --verify found problems, 2 bad input.",
+        epilog="Exit code: 0 done (or cache valid, or all exported), 1 --verify found problems or "
+               "--export missed some priors, 2 bad input.",
     )
     parser.add_argument("--prior", help="prior model: a diffusers-layout folder, a CompVis model.ckpt, "
                         "or a named configuration (random weights, for tests and timing). Required "
@@ -64,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads per process (default: %(default)s). A CPU's results depend on the "
                         "thread count at the last bit, so a fixed count makes the cache independent of how the "
                         "images are shared out; use more processes (accelerate --num_processes) for more cores")
-    parser.add_argument("--verify", action="store_true", help="check every entry instead of building")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--verify", action="store_true", help="check every entry instead of building")
+    action.add_argument("--export", type=Path, metavar="DIR", help="instead of building, write each image's "
+                        "cached prior as a 16-bit PNG DIR/<image stem>.png (to view, or to score with "
+                        "'swintormer evaluate --restored DIR --target SPLIT')")
     return parser
 
 
@@ -114,6 +122,37 @@ def _verify(args: argparse.Namespace, images: list[Path]) -> int:
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
     print(f"verified {len(images)} entries in {args.out}: {len(images) - len(problems)} valid, {len(problems)} with problems")
+    return 1 if problems else 0
+
+
+def _export(args: argparse.Namespace, images: list[Path]) -> int:
+    from tqdm.auto import tqdm
+
+    from ldm_prior.cache import PriorCache, PriorCacheError
+    from swintormer.image_io import write_image
+    from swintormer.priors import PriorMissingError
+
+    by_stem: dict[str, Path] = {}
+    for image in images:
+        if image.stem in by_stem:
+            raise UserError(f"--export names files by image stem, and {by_stem[image.stem]} and {image} "
+                            f"share the stem {image.stem!r}")
+        by_stem[image.stem] = image
+    try:
+        cache = PriorCache(args.out, data_root=args.data)
+    except PriorCacheError as exc:
+        raise UserError(str(exc)) from None
+    problems = []
+    for image in tqdm(images, desc="export", unit="img"):
+        try:
+            prior = cache.prior_for(image)
+        except (PriorCacheError, PriorMissingError) as exc:
+            problems.append(str(exc))
+            continue
+        write_image(args.export / f"{image.stem}.png", prior, bit_depth=16)
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    print(f"exported {len(images) - len(problems)} of {len(images)} priors to {args.export}")
     return 1 if problems else 0
 
 
@@ -207,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         images = collect_images(args.data, args.layout)
-        return _verify(args, images) if args.verify else _build(args, images)
+        if args.verify:
+            return _verify(args, images)
+        return _export(args, images) if args.export else _build(args, images)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -172,6 +172,30 @@ def test_timestep_spacing_is_a_cache_setting_and_older_caches_read_as_leading(se
     assert _run(setup, old) == 0 and "0 priors made, 3 already valid" in capsys.readouterr().out
 
 
+def test_export_writes_each_cached_prior_as_a_16_bit_png_named_after_its_image(setup, capsys, tmp_path) -> None:
+    out = tmp_path / "png"
+    assert _run(setup, setup["cache"], "--export", str(out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["p0.png", "p1.png", "p2.png"]
+    cache = PriorCache(setup["cache"])
+    for index in range(len(SIZES)):
+        exported = read_image(out / f"p{index}.png")
+        assert exported.bit_depth == 16
+        cached = cache.prior_for(setup["data"] / "input" / f"p{index}.png")
+        assert np.abs(exported.pixels - cached).max() <= 0.5 / 65535 + 1e-7  # 16-bit rounding only
+    # A missing entry is reported and the rest still exported; the exit status says so.
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(setup["cache"], partial)
+    cache = PriorCache(partial, data_root=setup["data"])
+    cache.entry_for(setup["data"] / "input" / "p1.png").unlink()
+    capsys.readouterr()
+    assert _run(setup, partial, "--export", str(tmp_path / "png2")) == 1
+    captured = capsys.readouterr()
+    assert "exported 2 of 3" in captured.out and "no prior in cache" in captured.err
+    assert sorted(p.name for p in (tmp_path / "png2").iterdir()) == ["p0.png", "p2.png"]
+
+
 def test_bad_command_lines_exit_with_one_error_line(setup, capsys, tmp_path) -> None:
     assert cache_priors(["--prior", str(setup["prior"]), "--data", str(tmp_path / "none"), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err

@@ -294,16 +294,12 @@ def cache_priors(bench: Bench, profile: Profile, prior_model: Path, splits: dict
     return caches
 
 
-def export_priors(cache: Path, out: Path) -> Path:
-    """The cached priors as 16-bit PNGs named after their images, for scoring like any output."""
-    from ldm_prior.cache import ENTRIES_DIR, read_entry
-    from swintormer.image_io import write_image
-
-    out.mkdir(parents=True, exist_ok=True)
-    for entry in sorted((cache / ENTRIES_DIR).rglob("*.safetensors")):
-        prior, _ = read_entry(entry)
-        name = Path(entry.name[: -len(".safetensors")]).stem
-        write_image(out / f"{name}.png", prior, bit_depth=16)
+def export_priors(bench: Bench, name: str, cache: Path, split: Path) -> Path:
+    """The cached priors of ``split`` as 16-bit PNGs named after their images, for scoring like
+    any output."""
+    out = bench.work / "outputs" / name
+    bench.run(f"export_{name}", [PYTHON, "-m", "pipelines.cache_priors", "--data", str(split), "--out", str(cache),
+                                 "--export", str(out)])
     return out
 
 
@@ -465,7 +461,7 @@ def run_references(bench: Bench, profile: Profile, caches: dict[int, dict[str, P
             results.append({"method": label, "test_set": test_set, "run_seconds_both_methods": record["seconds"],
                             "images": images, "scores": score(bench, f"{method}_{test_set}", out / method, split)})
         for steps in profile.prior_steps:
-            exported = export_priors(caches[steps][test_set], bench.work / "outputs" / f"prior_T{steps}_{test_set}")
+            exported = export_priors(bench, f"prior_T{steps}_{test_set}", caches[steps][test_set], split)
             results.append({"method": f"prior alone (T={steps})", "test_set": test_set,
                             "scores": score(bench, f"prior_T{steps}_{test_set}", exported, split)})
         shipped = REPO_ROOT / "swintormer" / "weights" / "default"
