@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Sample the diffusion prior of every blurry image of a dataset with DDIM and write one "
             "safetensors entry per image (float16 prior plus what made it) under --out. Shards over "
-            "'accelerate launch' processes; resumes an interrupted run; --verify checks a cache."
+            "'accelerate launch' processes; resumes an interrupted run; --verify checks a cache; "
+            "--export writes its priors as PNGs."
         ),
         epilog="Exit code: 0 done (or cache valid, or all exported), 1 --verify found problems or "
                "--export missed some priors, 2 bad input.",
