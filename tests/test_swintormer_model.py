@@ -221,3 +221,40 @@ def test_sparse_gated_gopro_preset_has_about_the_paper_parameter_count():
         params = sum(p.numel() for p in Swintormer(SwintormerConfig.preset("sparse_gated_gopro")).parameters())
     assert params == 25_276_924
     assert abs(params - 25_177_224) / 25_177_224 < 0.01
+
+
+def test_cache_blocked_inference_paths_run_on_cpu_only(monkeypatch):
+    """CPU inference runs the blocks a group of windows / pixels at a time (for CPU caches);
+    training, autocast and other devices (a GPU: here the meta device) take the plain path,
+    one batched operation per step."""
+    import copy
+
+    from swintormer.models.swintormer import GatedFeedForward, MixedWindowAttention, TransformerBlock
+
+    calls = []
+
+    def recording(cls):
+        blocked_forward = cls.residual_forward
+
+        def residual_forward(self, x, norm):
+            calls.append(cls)
+            return blocked_forward(self, x, norm)
+
+        return residual_forward
+
+    for cls in (MixedWindowAttention, GatedFeedForward):
+        monkeypatch.setattr(cls, "residual_forward", recording(cls))
+    block = TransformerBlock(SwintormerConfig.preset("tiny"), dim=16, num_heads=2, shift_size=4).eval()
+    x = torch.rand(1, 16, 16, 16)
+    with torch.no_grad():
+        blocked = block(x)
+    assert calls == [MixedWindowAttention, GatedFeedForward]
+    calls.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x)
+    on_meta = copy.deepcopy(block).to("meta")
+    with torch.no_grad():
+        assert on_meta(x.to("meta")).shape == x.shape
+    assert calls == []
+    assert torch.allclose(block(x), blocked, atol=1e-5)  # the plain (grad-enabled) path: same numbers
+    assert calls == []
