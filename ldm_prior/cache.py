@@ -9,8 +9,8 @@ Layout of a cache folder::
 gives ``entries/inputC/a.png.safetensors``), so images with equal stems in different folders
 stay apart. An entry holds one tensor ``prior`` (float16, H x W x 3, in [0, 1]) and
 safetensors metadata (str -> str): the cache format version, the prior weights fingerprint, the
-sampler settings (sampler, steps, eta, mode, timestep spacing, tiles), the run seed, the image's own seed, the
-source image's SHA-256, its relative name and size.
+sampler settings (sampler, steps, eta, mode, timestep spacing, tiles), the run seed, the image's
+own seed, the source image's SHA-256, its relative name and size.
 
 Every file is written atomically (temporary file in the same folder, then ``os.replace``), so a
 run killed at any moment leaves only complete entries; a rerun skips the entries that are valid

@@ -224,7 +224,7 @@ class ImagePriors(Protocol):
 class _SampledPriors:
     """Priors sampled now with the stage-one model (``--prior-model``)."""
 
-    def __init__(self, model_dir: Path, device: torch.device, steps: int, seed: int, timestep_spacing: str = "leading") -> None:
+    def __init__(self, model_dir: Path, device: torch.device, steps: int, seed: int, timestep_spacing: str) -> None:
         from ldm_prior.model import PriorModel
         from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed
 
@@ -232,7 +232,8 @@ class _SampledPriors:
             model = PriorModel.from_pretrained(model_dir)
         except (OSError, ValueError) as error:
             raise RunError(f"cannot load the prior model {model_dir}: {error}") from None
-        self._sampler = PriorSampler(model.to(device), SamplingSettings(steps=steps, timestep_spacing=timestep_spacing))
+        settings = SamplingSettings(steps=steps, timestep_spacing=timestep_spacing)
+        self._sampler = PriorSampler(model.to(device), settings)
         self._image_seed = image_seed
         self._seed = seed
 

@@ -106,8 +106,9 @@ def test_whole_runs_each_image_in_one_forward(model_dir: Path, tmp_path: Path, c
     np.testing.assert_array_equal(read_samples(tmp_path / "out" / "wide.png"), quantize(direct.numpy(), 16))
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_a_six_channel_model_gets_the_prior_from_the_prior_model(
-    prior_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    prior_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], spacing: str
 ) -> None:
     pytest.importorskip("ldm_prior.sampling")
     from ldm_prior.model import PriorModel
@@ -119,11 +120,11 @@ def test_a_six_channel_model_gets_the_prior_from_the_prior_model(
 
     code, _, err = run([str(source), "--output", str(tmp_path / "out"), "--model", str(prior_model_dir),
                         "--tile", str(TILE), "--prior-model", str(tmp_path / "prior"), "--prior-steps", "2",
-                        "--prior-seed", "7"], capsys)
+                        "--prior-seed", "7", "--prior-timestep-spacing", spacing], capsys)
     assert code == 0, err
 
     pixels = read_image(source).pixels
-    sampler = PriorSampler(PriorModel.from_pretrained(tmp_path / "prior"), SamplingSettings(steps=2))
+    sampler = PriorSampler(PriorModel.from_pretrained(tmp_path / "prior"), SamplingSettings(steps=2, timestep_spacing=spacing))
     prior = sampler.sample(pixels, seed=image_seed(7, "scene.png"))
     model = Swintormer.from_pretrained(prior_model_dir)
     restored = SlidingWindowInferencer(model, tile=TILE, progress=False)(np.concatenate([pixels, prior], axis=2))
