@@ -143,6 +143,10 @@ def _export(args: argparse.Namespace, images: list[Path]) -> int:
         cache = PriorCache(args.out, data_root=args.data)
     except PriorCacheError as exc:
         raise UserError(str(exc)) from None
+    try:
+        args.export.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the export folder {args.export}: {exc.strerror or exc}") from None
     problems = []
     for image in tqdm(images, desc="export", unit="img"):
         try:

@@ -194,6 +194,12 @@ def test_export_writes_each_cached_prior_as_a_16_bit_png_named_after_its_image(s
     captured = capsys.readouterr()
     assert "exported 2 of 3" in captured.out and "no prior in cache" in captured.err
     assert sorted(p.name for p in (tmp_path / "png2").iterdir()) == ["p0.png", "p2.png"]
+    # An export folder that cannot be made, or a folder that is no cache: one error line, exit 2.
+    (tmp_path / "a_file").write_text("")
+    assert _run(setup, setup["cache"], "--export", str(tmp_path / "a_file" / "png")) == 2
+    assert _run(setup, tmp_path / "png", "--export", str(tmp_path / "png3")) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and "cannot create the export folder" in errors[0] and "no cache manifest" in errors[1]
 
 
 def test_bad_command_lines_exit_with_one_error_line(setup, capsys, tmp_path) -> None:
