@@ -195,7 +195,8 @@ def centre_crop_tensor(image: torch.Tensor, size: int, unit: int) -> torch.Tenso
 
 def make_validation(config: PriorTrainConfig, dataset):
     """Validation hook: noise-prediction loss on fixed draws, PSNR of the VQ autoencoder's
-    reconstruction of the sharp crop (through the mode's path: 4x up and back in ``full``), and optionally the PSNR of sampled priors and of the inputs."""
+    reconstruction of the sharp crop (through the mode's path: 4x up and back in ``full``), and
+    optionally the PSNR of sampled priors and of the inputs."""
     from ldm_prior.finetune import noise_prediction_loss, vq_autoencoder_reconstruction
     from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed
     from swintormer.metrics import psnr

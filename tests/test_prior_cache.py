@@ -6,6 +6,7 @@ see its recorded result in BENCHMARKS.md.)"""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -134,8 +135,6 @@ def test_reader_refuses_other_settings_and_changed_sources(setup, capsys, tmp_pa
     assert _run(setup, setup["cache"], "--steps", "3") == 2  # last --steps wins: 3
     assert "error:" in capsys.readouterr().err
     # A copy of the dataset whose first image has changed since the cache was made.
-    import shutil
-
     moved = tmp_path / "data"
     shutil.copytree(setup["data"], moved)
     write_image(moved / "input" / "p0.png", np.zeros((23, 31, 3), np.float32))
@@ -148,8 +147,6 @@ def test_reader_refuses_other_settings_and_changed_sources(setup, capsys, tmp_pa
 
 
 def test_timestep_spacing_is_a_cache_setting_and_older_caches_read_as_leading(setup, capsys, tmp_path) -> None:
-    import shutil
-
     assert json.loads((setup["cache"] / "manifest.json").read_text())["settings"]["timestep_spacing"] == "leading"
     with pytest.raises(PriorCacheError, match="timestep_spacing is 'leading', expected 'trailing'"):
         PriorCache(setup["cache"], expected={"timestep_spacing": "trailing"})
@@ -183,8 +180,6 @@ def test_export_writes_each_cached_prior_as_a_16_bit_png_named_after_its_image(s
         cached = cache.prior_for(setup["data"] / "input" / f"p{index}.png")
         assert np.abs(exported.pixels - cached).max() <= 0.5 / 65535 + 1e-7  # 16-bit rounding only
     # A missing entry is reported and the rest still exported; the exit status says so.
-    import shutil
-
     partial = tmp_path / "partial"
     shutil.copytree(setup["cache"], partial)
     cache = PriorCache(partial, data_root=setup["data"])
