@@ -130,6 +130,42 @@ def test_inference_cache_follows_new_weights(tiny):
         torch.testing.assert_close(model(x), tiny(x), rtol=0, atol=1e-6)
 
 
+def test_packed_pointwise_matches_linear_and_follows_every_weight_change():
+    """fp32 CPU inference runs 1×1 convs on oneDNN with a packed copy of the weight; the copy
+    must be remade whenever the weight changes, however it changes."""
+    from swintormer.models import layers
+
+    if not layers._ONEDNN_LINEAR:
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    generator = torch.Generator().manual_seed(3)
+    conv = torch.nn.Conv2d(24, 40, kernel_size=1, bias=True)
+    tokens = torch.randn(3, 7, 5, 24, generator=generator)  # an odd …×C token tensor
+
+    def expected() -> torch.Tensor:
+        return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
+    with torch.inference_mode():
+        assert layers.uses_packed_weights(tokens)
+        torch.testing.assert_close(layers.pointwise(conv, tokens), expected(), rtol=0, atol=1e-5)
+        packed = layers._packed_weight(conv)
+        assert layers._packed_weight(conv) is packed  # packed once, reused
+    with torch.no_grad():
+        conv.weight.mul_(-2.0)  # an in-place update, as an optimiser step or EMA copy makes
+    with torch.inference_mode():
+        torch.testing.assert_close(layers.pointwise(conv, tokens), expected(), rtol=0, atol=1e-5)
+    conv.load_state_dict(torch.nn.Conv2d(24, 40, kernel_size=1, bias=True).state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(layers.pointwise(conv, tokens), expected(), rtol=0, atol=1e-5)
+    conv.weight = torch.nn.Parameter(torch.randn(40, 24, 1, 1, generator=generator))
+    with torch.inference_mode():
+        torch.testing.assert_close(layers.pointwise(conv, tokens), expected(), rtol=0, atol=1e-5)
+    # Training and autocast keep PyTorch's own linear: it has gradients and casts its operands.
+    assert not layers.uses_packed_weights(tokens)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layers.uses_packed_weights(tokens)
+        assert layers.pointwise(conv, tokens).dtype == torch.bfloat16
+
+
 def test_save_and_load_round_trip(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "model")
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]

@@ -384,9 +384,15 @@ class MixedWindowAttention(nn.Module):
 
     @staticmethod
     def _channel_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Transposed (channel) attention on n×heads×tokens×d tensors → n×tokens×(heads·d)."""
-        q, k = F.normalize(q, dim=-2), F.normalize(k, dim=-2)  # along the token axis
-        scores = q.transpose(-2, -1) @ k  # n×heads×d×d
+        """Transposed (channel) attention on n×heads×tokens×d tensors → n×tokens×(heads·d).
+
+        The scores are cosine similarities of q's and k's channels along the token axis. Rather
+        than normalising q and k (two passes over tokens×d each), the d×d product is divided
+        by the two norms: the same similarities, F.normalize's eps included.
+        """
+        q_norm = torch.linalg.vector_norm(q, dim=-2).clamp_min(1e-12)  # n×heads×d
+        k_norm = torch.linalg.vector_norm(k, dim=-2).clamp_min(1e-12)
+        scores = (q.transpose(-2, -1) @ k) / (q_norm.unsqueeze(-1) * k_norm.unsqueeze(-2))  # n×heads×d×d
         out = v @ softmax_plus_one(scores).transpose(-2, -1)  # n×heads×tokens×d
         return out.transpose(1, 2).flatten(2)
 
