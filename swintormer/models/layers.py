@@ -21,6 +21,14 @@ _packed_weights: "weakref.WeakKeyDictionary[nn.Conv2d, tuple[weakref.ref, tuple[
 )
 
 
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether autocast is on for this device type (never, for types without autocast: meta)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
+
+
 def uses_packed_weights(tokens: torch.Tensor) -> bool:
     """Whether :func:`pointwise` runs on oneDNN with a packed weight for this input: fp32 CPU
     inference (no gradients, no autocast) on a build that has the op."""
@@ -29,7 +37,7 @@ def uses_packed_weights(tokens: torch.Tensor) -> bool:
         and tokens.device.type == "cpu"
         and tokens.dtype == torch.float32
         and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
+        and not autocast_enabled(tokens.device)
     )
 
 

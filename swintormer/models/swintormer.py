@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from swintormer.models.layers import ChannelLayerNorm, pointwise
+from swintormer.models.layers import ChannelLayerNorm, autocast_enabled, pointwise
 from swintormer.models.sparse_gated import FrequencyGatedFeedForward, TopKChannelAttention
 from swintormer.padding import pad_to_multiple
 
@@ -498,14 +498,6 @@ def build_feed_forward(config: SwintormerConfig, dim: int) -> nn.Module:
     return GatedFeedForward(dim, config.ffn_expansion_factor, config.bias)
 
 
-def _autocast_enabled(device: torch.device) -> bool:
-    """Whether autocast is on for this device type (never, for types without autocast: meta)."""
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except RuntimeError:
-        return False
-
-
 class TransformerBlock(nn.Module):
     """``x + attn(LN(x))`` then ``x + ffn(LN(x))``, the pieces chosen by the config.
 
@@ -526,7 +518,7 @@ class TransformerBlock(nn.Module):
         # 0.397 s against 0.356 s for the plain one (paper preset, 256², this CPU). Not on other
         # devices: the blocking is for CPU caches, and on a GPU it would only split each step's
         # one batched kernel into many small launches.
-        blocked = x.device.type == "cpu" and not torch.is_grad_enabled() and not _autocast_enabled(x.device)
+        blocked = x.device.type == "cpu" and not torch.is_grad_enabled() and not autocast_enabled(x.device)
         if blocked and isinstance(self.attn, MixedWindowAttention):
             x = self.attn.residual_forward(x, self.norm1)
         else:
