@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# oneDNN's linear with a weight packed once ahead of time: the same op that PyTorch's inductor
-# emits for frozen CPU graphs. Not part of every build (it needs oneDNN), hence the probe.
+# oneDNN's linear with a weight packed once ahead of time, one of the ops PyTorch's inductor
+# emits for the linears of frozen CPU graphs. Not part of every build (it needs oneDNN), hence
+# the probe.
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and all(
     hasattr(torch.ops.mkldnn, name) for name in ("_linear_pointwise", "_reorder_linear_weight")
 )
