@@ -30,16 +30,16 @@ def autocast_enabled(device: torch.device) -> bool:
         return False
 
 
+def cpu_inference(x: torch.Tensor) -> bool:
+    """Whether ``x`` is being run through the network on CPU for inference: no gradients, no
+    autocast. The CPU-only fast paths (cache-blocked blocks, packed weights) key on this."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and not autocast_enabled(x.device)
+
+
 def uses_packed_weights(tokens: torch.Tensor) -> bool:
     """Whether :func:`pointwise` runs on oneDNN with a packed weight for this input: fp32 CPU
-    inference (no gradients, no autocast) on a build that has the op."""
-    return (
-        _ONEDNN_LINEAR
-        and tokens.device.type == "cpu"
-        and tokens.dtype == torch.float32
-        and not torch.is_grad_enabled()
-        and not autocast_enabled(tokens.device)
-    )
+    inference on a build that has the op."""
+    return _ONEDNN_LINEAR and tokens.dtype == torch.float32 and cpu_inference(tokens)
 
 
 def _packed_weight(conv: nn.Conv2d) -> torch.Tensor:

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from swintormer.models.layers import ChannelLayerNorm, autocast_enabled, pointwise
+from swintormer.models.layers import ChannelLayerNorm, cpu_inference, pointwise
 from swintormer.models.sparse_gated import FrequencyGatedFeedForward, TopKChannelAttention
 from swintormer.padding import pad_to_multiple
 
@@ -518,7 +518,7 @@ class TransformerBlock(nn.Module):
         # 0.397 s against 0.356 s for the plain one (paper preset, 256², this CPU). Not on other
         # devices: the blocking is for CPU caches, and on a GPU it would only split each step's
         # one batched kernel into many small launches.
-        blocked = x.device.type == "cpu" and not torch.is_grad_enabled() and not autocast_enabled(x.device)
+        blocked = cpu_inference(x)
         if blocked and isinstance(self.attn, MixedWindowAttention):
             x = self.attn.residual_forward(x, self.norm1)
         else:
