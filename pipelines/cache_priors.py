@@ -17,8 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.cli import positive_int
+
+if TYPE_CHECKING:  # imported lazily below, so that --help does not load torch
+    from ldm_prior.cache import PriorCache
 
 DATA_LAYOUTS = ("auto", "dpdd", "gopro", "hide", "folder", "images")
 
@@ -98,8 +102,17 @@ def collect_images(data: Path, layout: str) -> list[Path]:
     return sorted(images)
 
 
-def _verify(args: argparse.Namespace, images: list[Path]) -> int:
+def _open_cache(args: argparse.Namespace, expected: dict[str, str] | None = None) -> PriorCache:
+    """The cache at ``--out`` for reading; a missing or mismatched one is a one-line error."""
     from ldm_prior.cache import PriorCache, PriorCacheError
+
+    try:
+        return PriorCache(args.out, data_root=args.data, expected=expected)
+    except PriorCacheError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _verify(args: argparse.Namespace, images: list[Path]) -> int:
     from swintormer.datasets import image_size
 
     expected = {"steps": str(args.steps), "eta": repr(float(args.eta)), "mode": args.mode,
@@ -108,10 +121,7 @@ def _verify(args: argparse.Namespace, images: list[Path]) -> int:
         from ldm_prior.model import load_prior
 
         expected["prior_fingerprint"] = load_prior(args.prior).fingerprint()
-    try:
-        cache = PriorCache(args.out, data_root=args.data, expected=expected)
-    except PriorCacheError as exc:
-        raise UserError(str(exc)) from None
+    cache = _open_cache(args, expected)
     problems = cache.problems(images)
     for image in images:
         entry = cache.entry_for(image)
@@ -129,7 +139,7 @@ def _verify(args: argparse.Namespace, images: list[Path]) -> int:
 def _export(args: argparse.Namespace, images: list[Path]) -> int:
     from tqdm.auto import tqdm
 
-    from ldm_prior.cache import PriorCache, PriorCacheError
+    from ldm_prior.cache import PriorCacheError
     from swintormer.image_io import write_image
     from swintormer.priors import PriorMissingError
 
@@ -139,10 +149,7 @@ def _export(args: argparse.Namespace, images: list[Path]) -> int:
             raise UserError(f"--export names files by image stem, and {by_stem[image.stem]} and {image} "
                             f"share the stem {image.stem!r}")
         by_stem[image.stem] = image
-    try:
-        cache = PriorCache(args.out, data_root=args.data)
-    except PriorCacheError as exc:
-        raise UserError(str(exc)) from None
+    cache = _open_cache(args)
     try:
         args.export.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
