@@ -7,7 +7,8 @@ block) stay frozen; the decoder side trains. Two objectives:
   prediction, for a schedule with ``prediction_type: v_prediction``). The clean
   latent is the VQ encoding of the sharp image (upsampled 4x first in ``full`` mode, so the
   latent has the blurry image's size); the condition is the blurry image (``full``) or its 4x
-  area-downsampled copy (``quarter``).
+  area-downsampled copy (``quarter``). A ``residual`` model (``PriorConfig.latent_target``)
+  generates the sharp latent minus the blurry image's latent instead.
 * ``vq_decoder``: the VQ decoder learns to turn the frozen UNet's one-step estimate of the clean
   latent into the sharp image: L1, plus LPIPS and the PatchGAN hinge term (taming-transformers'
   ``NLayerDiscriminator``) when their weights are positive.
@@ -94,27 +95,46 @@ def check_patch_size(model: PriorModel, height: int, width: int, mode: str) -> N
                          f"multiples of {unit}")
 
 
-def image_to_encode(model: PriorModel, sharp: torch.Tensor, mode: str) -> torch.Tensor:
-    """The image (in [0, 1]) whose VQ encoding is the clean latent in ``mode``: the sharp image
-    itself in ``quarter`` mode, its 4x bicubic upsampling in ``full`` mode (so that the latent
-    has the blurry image's size)."""
+def image_to_encode(model: PriorModel, image: torch.Tensor, mode: str) -> torch.Tensor:
+    """The image (in [0, 1]) whose VQ encoding is ``image``'s latent in ``mode``: the image itself
+    in ``quarter`` mode, its 4x bicubic upsampling in ``full`` mode (so that the latent has the
+    blurry image's size)."""
     if mode == "full":
-        return F.interpolate(sharp, scale_factor=model.config.vq_factor, mode="bicubic", align_corners=False).clamp(0, 1)
+        return F.interpolate(image, scale_factor=model.config.vq_factor, mode="bicubic", align_corners=False).clamp(0, 1)
     if mode == "quarter":
-        return sharp
+        return image
     raise ValueError(f"unknown conditioning mode {mode!r}")
+
+
+def vq_latent(model: PriorModel, image: torch.Tensor, mode: str) -> torch.Tensor:
+    """The VQ encoding of an N x 3 x H x W image in [0, 1] as ``mode`` sees it: before
+    quantisation (as LDM trains) and before the latent scale."""
+    return model.vqvae.encode(image_to_encode(model, image, mode) * 2 - 1).latents
 
 
 @torch.no_grad()
 def latent_target_and_condition(
     model: PriorModel, blurry: torch.Tensor, sharp: torch.Tensor, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clean latent (VQ encoding of the sharp image, before quantisation, as LDM trains) and
-    the condition, from N x 3 x H x W images in [0, 1]."""
-    target_image = image_to_encode(model, sharp, mode)
+    """What the diffusion generates (the scaled VQ latent of the sharp image, or for a
+    ``residual`` model its difference from the blurry image's) and the condition, from
+    N x 3 x H x W images in [0, 1]."""
+    latents = vq_latent(model, sharp, mode)
+    if model.config.latent_target == "residual":
+        latents = latents - vq_latent(model, blurry, mode)
     condition = blurry if mode == "full" else F.avg_pool2d(blurry, model.config.vq_factor)
-    latents = model.vqvae.encode(target_image * 2 - 1).latents * model.config.latent_scale
-    return latents, condition * 2 - 1
+    return latents * model.config.latent_scale, condition * 2 - 1
+
+
+def to_vq_latent(model: PriorModel, latents: torch.Tensor, blurry_latent: torch.Tensor | None) -> torch.Tensor:
+    """The VQ latent to decode from what the diffusion generated: the scale undone and, for a
+    ``residual`` model, the blurry image's own latent (:func:`vq_latent`) added back."""
+    latents = latents / model.config.latent_scale
+    if model.config.latent_target == "residual":
+        if blurry_latent is None:
+            raise ValueError("a residual prior needs the blurry image's latent to decode")
+        latents = latents + blurry_latent
+    return latents
 
 
 def _noisy(
@@ -175,7 +195,9 @@ def vq_decoder_reconstruction(
         noisy, noise, timesteps = _noisy(scheduler, latents, generator, max_timestep)
         prediction = model.unet(torch.cat([noisy, condition], dim=1), timesteps).sample
         estimate = clean_latent_estimate(scheduler, noisy, prediction, timesteps)
-    decoded = model.vqvae.decode(estimate / model.config.latent_scale).sample
+        blurry_latent = vq_latent(model, blurry, mode) if model.config.latent_target == "residual" else None
+        estimate = to_vq_latent(model, estimate, blurry_latent)
+    decoded = model.vqvae.decode(estimate).sample
     if mode == "full":
         decoded = F.avg_pool2d(decoded, model.config.vq_factor)
     return decoded
@@ -191,17 +213,17 @@ def vq_autoencoder_reconstruction(
     The autoencoder learns the images it will decode in ``mode``: in ``quarter`` mode the sharp
     image itself; in ``full`` mode its 4x upsampled copy, whose decoding is area-downsampled
     back exactly as a sampled prior is (:func:`vq_decoder_reconstruction`, the sampler)."""
-    image = image_to_encode(model, sharp, mode)
-    decoded = model.vqvae.decode(model.vqvae.encode(image * 2 - 1).latents)
+    decoded = model.vqvae.decode(vq_latent(model, sharp, mode))
     restored = F.avg_pool2d(decoded.sample, model.config.vq_factor) if mode == "full" else decoded.sample
     return restored, decoded.commit_loss
 
 
 @torch.no_grad()
-def estimate_latent_scale(model: PriorModel, sharp_batches: list[torch.Tensor], mode: str) -> float:
-    """LDM's ``scale_by_std``: 1 / standard deviation of the (unscaled) training latents."""
+def estimate_latent_scale(model: PriorModel, batches: list[tuple[torch.Tensor, torch.Tensor]], mode: str) -> float:
+    """LDM's ``scale_by_std``: 1 / standard deviation of the unscaled diffusion targets (the
+    sharp latents, or their residuals over the blurry latents) of (blurry, sharp) batches."""
     unscaled = model.config.latent_scale
-    latents = [latent_target_and_condition(model, batch, batch, mode)[0] / unscaled for batch in sharp_batches]
+    latents = [latent_target_and_condition(model, blurry, sharp, mode)[0] / unscaled for blurry, sharp in batches]
     return float(1.0 / torch.cat([latent.flatten() for latent in latents]).std().clamp_min(1e-8))
 
 

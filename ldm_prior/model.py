@@ -78,6 +78,13 @@ class PriorConfig(BaseModel):
     # LDM's scale_factor: the diffusion runs on VQ latents times this, so that they have about
     # unit variance (1.0 for the public LDM SR model; estimated for a VQGAN trained here).
     latent_scale: float = Field(1.0, gt=0)
+    # What the diffusion generates. "sharp" (LDM, the authors): the VQ latent of the sharp image.
+    # "residual": that latent minus the VQ latent of the blurry image, which the sampler adds
+    # back before decoding; the predict-and-refine split of Whang et al. (2022, "Deblurring via
+    # stochastic refinement"), with the blurry image's own latent as the prediction. A UNet that
+    # has learnt little then still returns about the blurry image instead of drifting colours,
+    # which is what a small UNet trained from random weights needs; the public model is "sharp".
+    latent_target: Literal["sharp", "residual"] = "sharp"
 
     @property
     def vq_factor(self) -> int:

@@ -16,6 +16,10 @@ group norms and mid-block attention see only their tile, so decoded tiles differ
 decode by more than the seam blend alone; keep ``decode_tile`` large (the default 64 latent
 pixels = 256 output pixels in ``quarter`` mode) and the seams overlapping.
 
+A ``residual`` prior (``PriorConfig.latent_target``) generates the difference from the blurry
+image's own VQ latent: the sampler encodes the blurry image, in the decoder's tiles, and adds
+that latent back before decoding.
+
 Determinism: the initial noise and DDIM's eta noise come from a CPU generator seeded for that
 image alone (:func:`image_seed`), drawn for the whole latent, so a prior does not depend on the
 tiling, the device, the batch or which process sampled it.
@@ -33,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ldm_prior.finetune import to_vq_latent, vq_latent
 from ldm_prior.model import PriorModel
 
 ConditioningMode = Literal["full", "quarter"]
@@ -180,6 +185,29 @@ class PriorSampler:
     @torch.inference_mode()
     def sample(self, blurry: np.ndarray | torch.Tensor, seed: int, progress: bool = False) -> np.ndarray:
         """The prior of one blurry image (H x W x 3 float in [0, 1]) as float32 H x W x 3 in [0, 1]."""
+        height, width = np.shape(blurry)[:2]
+        config, settings = self.model.config, self.settings
+        dtype = next(self.model.vqvae.parameters()).dtype
+
+        def decode(tiles: torch.Tensor) -> torch.Tensor:
+            decoded = self.model.vqvae.decode(tiles.to(dtype)).sample.float().clamp(-1, 1)
+            # In full mode each tile is area-downsampled at once, so only base-resolution
+            # pixels are ever held for the whole image.
+            return F.avg_pool2d(decoded, config.vq_factor) if settings.mode == "full" else decoded
+
+        out_scale = 1 if settings.mode == "full" else config.vq_factor
+        decoded = _tiled_apply(
+            self.sample_latent(blurry, seed, progress), settings.decode_tile, settings.decode_stride,
+            settings.tile_batch, 1, out_scale, config.image_channels, decode,
+        )
+        prior = (decoded[0, :, :height, :width] + 1) / 2
+        return prior.clamp(0, 1).permute(1, 2, 0).contiguous().cpu().numpy().astype(np.float32)
+
+    @torch.inference_mode()
+    def sample_latent(self, blurry: np.ndarray | torch.Tensor, seed: int, progress: bool = False) -> torch.Tensor:
+        """The VQ latent that :meth:`sample` decodes (1 x C x h x w, float32, of the image padded
+        to the UNet's multiple): DDIM's result with the latent scale undone and, for a
+        ``residual`` prior, the blurry image's latent added."""
         pixels = torch.as_tensor(np.asarray(blurry, dtype=np.float32))
         if pixels.ndim != 3 or pixels.shape[2] != self.model.config.image_channels:
             raise ValueError(f"expected an H x W x {self.model.config.image_channels} image, got shape {tuple(pixels.shape)}")
@@ -190,12 +218,13 @@ class PriorSampler:
         factor, multiple = config.vq_factor, config.unet_multiple
 
         if settings.mode == "full":
-            padded_h, padded_w = _round_up(height, multiple), _round_up(width, multiple)
-            condition = _pad_to(image, padded_h, padded_w)
+            padded = _pad_to(image, _round_up(height, multiple), _round_up(width, multiple))
+            condition = padded
         else:
-            padded_h, padded_w = _round_up(height, factor * multiple), _round_up(width, factor * multiple)
-            condition = F.avg_pool2d(_pad_to(image, padded_h, padded_w), factor)
+            padded = _pad_to(image, _round_up(height, factor * multiple), _round_up(width, factor * multiple))
+            condition = F.avg_pool2d(padded, factor)
         condition = (condition * 2 - 1).to(dtype)
+        blurry_latent = self._blurry_latent(padded) if config.latent_target == "residual" else None
 
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         latent_shape = (1, config.vqvae.latent_channels, condition.shape[-2], condition.shape[-1])
@@ -220,19 +249,24 @@ class PriorSampler:
                 variance_noise = torch.randn(latent_shape, generator=generator, dtype=torch.float32).to(device)
             latents = scheduler.step(noise_prediction, timestep, latents, eta=settings.eta, variance_noise=variance_noise).prev_sample
 
-        def decode(tiles: torch.Tensor) -> torch.Tensor:
-            decoded = self.model.vqvae.decode((tiles / config.latent_scale).to(dtype)).sample.float().clamp(-1, 1)
-            # In full mode each tile is area-downsampled at once, so only base-resolution
-            # pixels are ever held for the whole image.
-            return F.avg_pool2d(decoded, factor) if settings.mode == "full" else decoded
+        return to_vq_latent(self.model, latents, blurry_latent)
 
-        out_scale = 1 if settings.mode == "full" else factor
-        decoded = _tiled_apply(
-            latents, settings.decode_tile, settings.decode_stride, settings.tile_batch, 1, out_scale,
-            config.image_channels, decode,
-        )
-        prior = (decoded[0, :, :height, :width] + 1) / 2
-        return prior.clamp(0, 1).permute(1, 2, 0).contiguous().cpu().numpy().astype(np.float32)
+    def _blurry_latent(self, padded: torch.Tensor) -> torch.Tensor:
+        """The VQ latent of the (padded) blurry image, which a ``residual`` prior's sample is added
+        to; encoded in the decoder's overlapping tiles, so that memory stays bounded by the tile
+        batch as for decoding."""
+        settings, factor = self.settings, self.model.config.vq_factor
+        dtype = next(self.model.vqvae.parameters()).dtype
+        # Tiles are cut on the latent grid: in quarter mode each latent pixel holds its f x f
+        # block of image pixels as channels.
+        grid = padded if settings.mode == "full" else F.pixel_unshuffle(padded, factor)
+
+        def encode(tiles: torch.Tensor) -> torch.Tensor:
+            pixels = tiles if settings.mode == "full" else F.pixel_shuffle(tiles, factor)
+            return vq_latent(self.model, pixels.to(dtype), settings.mode).float()
+
+        return _tiled_apply(grid, settings.decode_tile, settings.decode_stride, settings.tile_batch, 1, 1,
+                            self.model.config.vqvae.latent_channels, encode)
 
 
 def sample_prior(

@@ -50,6 +50,10 @@ class PriorModelSection(StrictModel):
     # starts from random weights; None keeps the model's own (the public model's: "epsilon").
     # Changing it on a trained UNet throws away what it learned.
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    # Set what the diffusion generates (ldm_prior.model.PriorConfig.latent_target): "residual"
+    # (sharp latent minus blurry latent) for a UNet that starts from random weights; None keeps
+    # the model's own (the public model's: "sharp"). Like prediction_type, only for a new UNet.
+    latent_target: Literal["sharp", "residual"] | None = None
 
 
 class PriorLossSection(StrictModel):
@@ -180,6 +184,8 @@ def load_model(config: PriorTrainConfig):
     if wanted is not None and wanted != prior.config.scheduler.prediction_type:
         scheduler = prior.config.scheduler.model_copy(update={"prediction_type": wanted})
         prior.config = prior.config.model_copy(update={"scheduler": scheduler})
+    if config.model.latent_target is not None:
+        prior.config = prior.config.model_copy(update={"latent_target": config.model.latent_target})
     return prior
 
 
@@ -274,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
             from ldm_prior.finetune import estimate_latent_scale
 
             count = min(len(train_set), 64)
-            sharp = [torch.stack([train_set[index]["target"] for index in range(start, min(start + 8, count))])
-                     for start in range(0, count, 8)]
-            prior.config = prior.config.model_copy(update={"latent_scale": estimate_latent_scale(prior, sharp, config.mode)})
-            accelerator.print(f"latent scale set to {prior.config.latent_scale:.4f} (1/std of {count} training latents)")
+            samples = [train_set[index] for index in range(count)]
+            batches = [(torch.stack([s["input"][:3] for s in samples[start : start + 8]]),
+                        torch.stack([s["target"] for s in samples[start : start + 8]])) for start in range(0, count, 8)]
+            prior.config = prior.config.model_copy(update={"latent_scale": estimate_latent_scale(prior, batches, config.mode)})
+            accelerator.print(f"latent scale set to {prior.config.latent_scale:.4f} (1/std of the diffusion targets of {count} training patches)")
         trainer = PriorTrainer(prior, config)
         if config.objective != "noise" and config.loss.lpips > 0:
             from swintormer.metrics import LPIPSMetric

@@ -14,8 +14,13 @@ from ldm_prior.finetune import (
     clean_latent_estimate,
     noise_prediction_loss,
     prediction_target,
+    estimate_latent_scale,
+    latent_target_and_condition,
     select_trainable,
+    to_vq_latent,
     vq_autoencoder_reconstruction,
+    vq_decoder_reconstruction,
+    vq_latent,
 )
 from ldm_prior.model import PriorConfig, PriorModel
 from pipelines.train_prior import PriorTrainConfig, PriorTrainer
@@ -152,6 +157,63 @@ def test_training_config_sets_the_prediction_type_of_a_loaded_prior(tmp_path) ->
         switched = load_model(PriorTrainConfig(model={"source": source, "prediction_type": "v_prediction"}))
         assert switched.config.scheduler.prediction_type == "v_prediction"
         assert PriorTrainer(switched, PriorTrainConfig()).scheduler.config.prediction_type == "v_prediction"
+
+
+def _residual(model: PriorModel) -> PriorModel:
+    """The same weights, generating the residual over the blurry latent."""
+    return PriorModel(model.config.model_copy(update={"latent_target": "residual"}), unet=model.unet, vqvae=model.vqvae)
+
+
+@pytest.mark.parametrize("mode", ["full", "quarter"])
+def test_residual_target_is_the_sharp_latent_minus_the_blurry_one_and_decodes_back(mode: str) -> None:
+    sharp_model = PriorModel.from_config("tiny", seed=0).eval()
+    model = _residual(sharp_model)
+    model.config = model.config.model_copy(update={"latent_scale": 2.5})
+    blurry, sharp = _images(2, 32)
+    with torch.no_grad():
+        target, condition = latent_target_and_condition(model, blurry, sharp, mode)
+        sharp_target, sharp_condition = latent_target_and_condition(sharp_model, blurry, sharp, mode)
+        blurry_latent = vq_latent(model, blurry, mode)
+        torch.testing.assert_close(target, (vq_latent(model, sharp, mode) - blurry_latent) * 2.5)
+        torch.testing.assert_close(condition, sharp_condition)  # the condition does not change
+        # A blurry image that is already sharp has nothing left to generate.
+        assert latent_target_and_condition(model, sharp, sharp, mode)[0].abs().max() == 0
+        # Decoding adds the blurry latent back: the exact target decodes to the sharp latent.
+        torch.testing.assert_close(to_vq_latent(model, target, blurry_latent), sharp_target, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="blurry image's latent"):
+            to_vq_latent(model, target, None)
+        # The latent scale is estimated on what the diffusion generates: the residuals.
+        scale = estimate_latent_scale(model, [(blurry, sharp)], mode)
+        assert scale == pytest.approx(1 / float((target / 2.5).std()), rel=1e-4)
+        assert scale > 1.5 * estimate_latent_scale(sharp_model, [(blurry, sharp)], mode)
+
+
+def test_vq_decoder_objective_decodes_the_residual_estimate_with_the_blurry_latent_added() -> None:
+    model = _residual(PriorModel.from_config("tiny", seed=0)).eval()
+    blurry, sharp = _images(2, 32)
+    scheduler = model.ddpm_scheduler()
+    with torch.no_grad():
+        decoded = vq_decoder_reconstruction(model, blurry, sharp, "full", scheduler, 200, torch.Generator().manual_seed(5))
+        latents, condition = latent_target_and_condition(model, blurry, sharp, "full")
+        generator = torch.Generator().manual_seed(5)
+        timesteps = torch.randint(0, 200, (2,), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        estimate = clean_latent_estimate(scheduler, noisy, model.unet(torch.cat([noisy, condition], 1), timesteps).sample, timesteps)
+        by_hand = model.vqvae.decode(estimate / model.config.latent_scale + vq_latent(model, blurry, "full")).sample
+    torch.testing.assert_close(decoded, torch.nn.functional.avg_pool2d(by_hand, 4))
+
+
+def test_latent_target_is_saved_and_set_by_the_training_config(tmp_path) -> None:
+    from pipelines.train_prior import load_model
+
+    _residual(PriorModel.from_config("tiny", seed=0)).save_pretrained(tmp_path / "residual")
+    assert PriorModel.from_pretrained(tmp_path / "residual").config.latent_target == "residual"
+    assert load_model(PriorTrainConfig(model={"source": "tiny"})).config.latent_target == "sharp"
+    switched = load_model(PriorTrainConfig(model={"source": "tiny", "latent_target": "residual"}))
+    assert switched.config.latent_target == "residual"
+    with pytest.raises(ValueError):
+        PriorTrainConfig(model={"source": "tiny", "latent_target": "difference"})
 
 
 def test_full_mode_autoencoder_goes_up_four_times_and_back_like_a_prior() -> None:
