@@ -9,9 +9,10 @@ block) stay frozen; the decoder side trains. Two objectives:
   latent has the blurry image's size); the condition is the blurry image (``full``) or its 4x
   area-downsampled copy (``quarter``). A ``residual`` model (``PriorConfig.latent_target``)
   generates the sharp latent minus the blurry image's latent instead.
-* ``vq_decoder``: the VQ decoder learns to turn the frozen UNet's one-step estimate of the clean
+* ``vq_decoder``: the VQ decoder learns to turn the UNet's one-step estimate of the clean
   latent into the sharp image: L1, plus LPIPS and the PatchGAN hinge term (taming-transformers'
-  ``NLayerDiscriminator``) when their weights are positive.
+  ``NLayerDiscriminator``) when their weights are positive. The UNet is frozen unless patterns
+  select parts of it, which then learn from the same pixel loss.
 
 A third objective, ``vq_autoencoder``, is not part of the authors' method: it trains a VQGAN
 built from random weights (encoder included) as an autoencoder of sharp images (L1; in ``full``
@@ -138,18 +139,22 @@ def to_vq_latent(model: PriorModel, latents: torch.Tensor, blurry_latent: torch.
 
 
 def _noisy(
-    scheduler, latents: torch.Tensor, generator: torch.Generator | None, max_timestep: int | None = None
+    scheduler, latents: torch.Tensor, generator: torch.Generator | None,
+    max_timestep: int | None = None, min_timestep: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``latents`` noised at a random timestep below ``max_timestep`` (default: all of them);
-    returns (noisy latents, noise, timesteps). A CPU ``generator`` makes the draw reproducible."""
+    """``latents`` noised at a random timestep in [``min_timestep``, ``max_timestep``) (default:
+    all of them); returns (noisy latents, noise, timesteps). A CPU ``generator`` makes the draw
+    reproducible."""
     count = scheduler.config.num_train_timesteps
     if max_timestep is not None:
         count = min(max_timestep, count)
+    if not 0 <= min_timestep < count:
+        raise ValueError(f"min_timestep {min_timestep} must lie in [0, {count})")
     if generator is None:
-        timesteps = torch.randint(0, count, (latents.shape[0],), device=latents.device)
+        timesteps = torch.randint(min_timestep, count, (latents.shape[0],), device=latents.device)
         noise = torch.randn_like(latents)
     else:
-        timesteps = torch.randint(0, count, (latents.shape[0],), generator=generator).to(latents.device)
+        timesteps = torch.randint(min_timestep, count, (latents.shape[0],), generator=generator).to(latents.device)
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
     return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
@@ -185,22 +190,40 @@ def noise_prediction_loss(
 
 def vq_decoder_reconstruction(
     model: PriorModel, blurry: torch.Tensor, sharp: torch.Tensor, mode: str, scheduler,
-    max_timestep: int = 200, generator: torch.Generator | None = None,
+    max_timestep: int = 200, generator: torch.Generator | None = None, min_timestep: int = 0,
 ) -> torch.Tensor:
     """The sharp-size image (in [-1, 1]) the VQ decoder makes from the frozen UNet's one-step
-    estimate of the clean latent at a random timestep below ``max_timestep``; gradients reach
-    only the VQ decoder side."""
+    estimate of the clean latent at a random timestep in [``min_timestep``, ``max_timestep``);
+    gradients reach only the VQ decoder side.
+
+    The range says which estimates the decoder learns to decode: small timesteps give nearly
+    clean latents (the last steps of a long sampler); ``min_timestep=999, max_timestep=1000``
+    gives exactly what a one-step sampler (T=1, trailing spacing) decodes.
+
+    When UNet parameters are trainable too (its decoder side, or more with
+    ``unfreeze_backbone``), the pixel loss reaches them through the estimate: UNet and VQ
+    decoder then learn together what the sampler will decode."""
     with torch.no_grad():
         latents, condition = latent_target_and_condition(model, blurry, sharp, mode)
-        noisy, noise, timesteps = _noisy(scheduler, latents, generator, max_timestep)
-        prediction = model.unet(torch.cat([noisy, condition], dim=1), timesteps).sample
-        estimate = clean_latent_estimate(scheduler, noisy, prediction, timesteps)
+        noisy, noise, timesteps = _noisy(scheduler, latents, generator, max_timestep, min_timestep)
         blurry_latent = vq_latent(model, blurry, mode) if model.config.latent_target == "residual" else None
-        estimate = to_vq_latent(model, estimate, blurry_latent)
-    decoded = model.vqvae.decode(estimate).sample
-    if mode == "full":
-        decoded = F.avg_pool2d(decoded, model.config.vq_factor)
-    return decoded
+    unet_trains = torch.is_grad_enabled() and any(p.requires_grad for p in model.unet.parameters())
+    with torch.set_grad_enabled(unet_trains):
+        prediction = model.unet(torch.cat([noisy, condition], dim=1), timesteps).sample
+        estimate = to_vq_latent(model, clean_latent_estimate(scheduler, noisy, prediction, timesteps), blurry_latent)
+    if model.config.pixel_residual:
+        return blurry * 2 - 1 + decoded_image(model, estimate, mode) - decoded_image(model, blurry_latent, mode)
+    return decoded_image(model, estimate, mode)
+
+
+def decoded_image(model: PriorModel, latents: torch.Tensor, mode: str) -> torch.Tensor:
+    """The VQ decoding of ``latents`` (quantised) at the blurry image's size, in [-1, 1] give or
+    take the decoder's overshoot: area-downsampled by the VQ factor in ``full`` mode.
+
+    A prior is this image, or for a ``pixel_residual`` prior the blurry image plus this image
+    minus the decoding of the blurry image's own latent."""
+    decoded = model.vqvae.decode(latents).sample
+    return F.avg_pool2d(decoded, model.config.vq_factor) if mode == "full" else decoded
 
 
 def vq_autoencoder_reconstruction(

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel, VQModel
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PRIOR_CONFIG_FILE = "prior_config.json"
 
@@ -85,6 +85,18 @@ class PriorConfig(BaseModel):
     # has learnt little then still returns about the blurry image instead of drifting colours,
     # which is what a small UNet trained from random weights needs; the public model is "sharp".
     latent_target: Literal["sharp", "residual"] = "sharp"
+    # How a "residual" prior's latent becomes an image. False: decoded, as LDM does. True: the
+    # blurry image plus the change the residual makes to the decoding, B + dec(z_B + r) − dec(z_B)
+    # (ldm_prior.finetune.decoded_image). A zero residual then gives back the blurry image itself
+    # rather than its VQGAN reconstruction, which cost a briefly trained VQGAN 0.3–0.7 dB
+    # (docs/measurements_2026-11-21.md, seventh session). Decodes twice.
+    pixel_residual: bool = False
+
+    @model_validator(mode="after")
+    def _pixel_residual_needs_a_residual_target(self) -> "PriorConfig":
+        if self.pixel_residual and self.latent_target != "residual":
+            raise ValueError("pixel_residual needs latent_target 'residual' (it adds a residual to the blurry image)")
+        return self
 
     @property
     def vq_factor(self) -> int:

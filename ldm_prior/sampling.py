@@ -18,7 +18,8 @@ pixels = 256 output pixels in ``quarter`` mode) and the seams overlapping.
 
 A ``residual`` prior (``PriorConfig.latent_target``) generates the difference from the blurry
 image's own VQ latent: the sampler encodes the blurry image, in the decoder's tiles, and adds
-that latent back before decoding.
+that latent back before decoding. A ``pixel_residual`` prior decodes, per tile, the sampled
+latent and the blurry image's latent, blends their difference and adds it to the blurry image.
 
 Determinism: the initial noise and DDIM's eta noise come from a CPU generator seeded for that
 image alone (:func:`image_seed`), drawn for the whole latent, so a prior does not depend on the
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ldm_prior.finetune import to_vq_latent, vq_latent
+from ldm_prior.finetune import decoded_image, to_vq_latent, vq_latent
 from ldm_prior.model import PriorModel
 
 ConditioningMode = Literal["full", "quarter"]
@@ -188,18 +189,27 @@ class PriorSampler:
         height, width = np.shape(blurry)[:2]
         config, settings = self.model.config, self.settings
         dtype = next(self.model.vqvae.parameters()).dtype
+        latents, blurry_latent, padded = self._sample(blurry, seed, progress)
+        channels = config.vqvae.latent_channels
 
+        # Each tile is decoded (and in full mode area-downsampled) at once, so only
+        # base-resolution pixels are ever held for the whole image.
         def decode(tiles: torch.Tensor) -> torch.Tensor:
+            if config.pixel_residual:
+                # The change the residual makes to the decoding; the blurry image is added after
+                # blending (blending is linear, so that is the same as adding it per tile).
+                decoded, base = (decoded_image(self.model, part.to(dtype), settings.mode).float()
+                                 for part in tiles.split(channels, dim=1))
+                return decoded - base
             decoded = self.model.vqvae.decode(tiles.to(dtype)).sample.float().clamp(-1, 1)
-            # In full mode each tile is area-downsampled at once, so only base-resolution
-            # pixels are ever held for the whole image.
             return F.avg_pool2d(decoded, config.vq_factor) if settings.mode == "full" else decoded
 
+        source = torch.cat([latents, blurry_latent], dim=1) if config.pixel_residual else latents
         out_scale = 1 if settings.mode == "full" else config.vq_factor
-        decoded = _tiled_apply(
-            self.sample_latent(blurry, seed, progress), settings.decode_tile, settings.decode_stride,
-            settings.tile_batch, 1, out_scale, config.image_channels, decode,
-        )
+        decoded = _tiled_apply(source, settings.decode_tile, settings.decode_stride, settings.tile_batch, 1, out_scale,
+                               config.image_channels, decode)
+        if config.pixel_residual:
+            decoded = decoded + padded * 2 - 1
         prior = (decoded[0, :, :height, :width] + 1) / 2
         return prior.clamp(0, 1).permute(1, 2, 0).contiguous().cpu().numpy().astype(np.float32)
 
@@ -208,6 +218,13 @@ class PriorSampler:
         """The VQ latent that :meth:`sample` decodes (1 x C x h x w, float32, of the image padded
         to the UNet's multiple): DDIM's result with the latent scale undone and, for a
         ``residual`` prior, the blurry image's latent added."""
+        return self._sample(blurry, seed, progress)[0]
+
+    def _sample(
+        self, blurry: np.ndarray | torch.Tensor, seed: int, progress: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(:meth:`sample_latent`'s latent, the blurry image's VQ latent for a ``residual`` prior
+        or None, the blurry image padded as the sampler saw it: 1 x 3 x H' x W' in [0, 1])."""
         pixels = torch.as_tensor(np.asarray(blurry, dtype=np.float32))
         if pixels.ndim != 3 or pixels.shape[2] != self.model.config.image_channels:
             raise ValueError(f"expected an H x W x {self.model.config.image_channels} image, got shape {tuple(pixels.shape)}")
@@ -249,7 +266,7 @@ class PriorSampler:
                 variance_noise = torch.randn(latent_shape, generator=generator, dtype=torch.float32).to(device)
             latents = scheduler.step(noise_prediction, timestep, latents, eta=settings.eta, variance_noise=variance_noise).prev_sample
 
-        return to_vq_latent(self.model, latents, blurry_latent)
+        return to_vq_latent(self.model, latents, blurry_latent), blurry_latent, padded
 
     def _blurry_latent(self, padded: torch.Tensor) -> torch.Tensor:
         """The VQ latent of the (padded) blurry image, which a ``residual`` prior's sample is added

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 from torch import nn
 
 from pipelines.training_setup import discover_training_pairs, load_run_config, resolve_splits
@@ -54,6 +54,9 @@ class PriorModelSection(StrictModel):
     # (sharp latent minus blurry latent) for a UNet that starts from random weights; None keeps
     # the model's own (the public model's: "sharp"). Like prediction_type, only for a new UNet.
     latent_target: Literal["sharp", "residual"] | None = None
+    # Set how a residual prior becomes an image (PriorConfig.pixel_residual); unlike the two
+    # above it can be switched on a trained model, whose VQ decoder then learns it (vq_decoder).
+    pixel_residual: bool | None = None
 
 
 class PriorLossSection(StrictModel):
@@ -64,7 +67,16 @@ class PriorLossSection(StrictModel):
     lpips_alexnet_weights: Path | None = None  # torchvision AlexNet file; None: the torch hub cache
     gan: float = Field(0.0, ge=0)  # PatchGAN hinge term (taming-transformers NLayerDiscriminator)
     discriminator_layers: int = Field(3, ge=1)
-    max_timestep: int = Field(200, ge=1)  # the UNet's one-step estimate is taken below this timestep
+    # The UNet's one-step estimate is taken at a timestep in [min_timestep, max_timestep)
+    # (ldm_prior.finetune.vq_decoder_reconstruction); 999..1000 matches a T=1 trailing sampler.
+    max_timestep: int = Field(200, ge=1)
+    min_timestep: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _timestep_range(self) -> "PriorLossSection":
+        if self.min_timestep >= self.max_timestep:
+            raise ValueError(f"loss.min_timestep ({self.min_timestep}) must be below loss.max_timestep ({self.max_timestep})")
+        return self
 
 
 class PriorDataSection(StrictModel):
@@ -141,7 +153,9 @@ class PriorTrainer(nn.Module):
 
             restored, codebook_loss = vq_autoencoder_reconstruction(self.prior, sharp, self.mode)
         else:
-            restored = vq_decoder_reconstruction(self.prior, blurry, sharp, self.mode, self.scheduler, config.max_timestep)
+            restored = vq_decoder_reconstruction(
+                self.prior, blurry, sharp, self.mode, self.scheduler, config.max_timestep, min_timestep=config.min_timestep
+            )
             codebook_loss = None
         target = sharp * 2 - 1
         logs: dict[str, Any] = {}
@@ -167,7 +181,7 @@ class PriorTrainer(nn.Module):
 
 def load_model(config: PriorTrainConfig):
     from ldm_prior.compvis import load_compvis_checkpoint
-    from ldm_prior.model import NAMED_CONFIGS, PriorModel
+    from ldm_prior.model import NAMED_CONFIGS, PriorConfig, PriorModel
 
     source = config.model.source
     path = Path(source)
@@ -184,8 +198,13 @@ def load_model(config: PriorTrainConfig):
     if wanted is not None and wanted != prior.config.scheduler.prediction_type:
         scheduler = prior.config.scheduler.model_copy(update={"prediction_type": wanted})
         prior.config = prior.config.model_copy(update={"scheduler": scheduler})
-    if config.model.latent_target is not None:
-        prior.config = prior.config.model_copy(update={"latent_target": config.model.latent_target})
+    overrides = {"latent_target": config.model.latent_target, "pixel_residual": config.model.pixel_residual}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if overrides:
+        try:
+            prior.config = PriorConfig.model_validate({**prior.config.model_dump(), **overrides})
+        except ValidationError as error:
+            raise ConfigError(f"model: {error.errors()[0]['msg']}") from None
     return prior
 
 

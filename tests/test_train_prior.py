@@ -11,7 +11,9 @@ import torch
 
 from ldm_prior.finetune import (
     UNET_DECODER_PATTERNS,
+    VQ_DECODER_PATTERNS,
     clean_latent_estimate,
+    decoded_image,
     noise_prediction_loss,
     prediction_target,
     estimate_latent_scale,
@@ -24,6 +26,7 @@ from ldm_prior.finetune import (
 )
 from ldm_prior.model import PriorConfig, PriorModel
 from pipelines.train_prior import PriorTrainConfig, PriorTrainer
+from swintormer.config import ConfigError
 from pipelines.train_prior import main as train_prior
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,13 +69,15 @@ def test_patterns_that_match_nothing_or_the_frozen_backbone_are_refused() -> Non
     assert selection.trainable_count == sum(p.numel() for p in model.unet.parameters())
 
 
-@pytest.mark.parametrize("objective,patterns", [("noise", None), ("vq_decoder", None)])
+@pytest.mark.parametrize("objective,patterns", [
+    ("noise", UNET_DECODER_PATTERNS),
+    ("vq_decoder", VQ_DECODER_PATTERNS),
+    ("vq_decoder", UNET_DECODER_PATTERNS + VQ_DECODER_PATTERNS),  # the pixel loss reaches the UNet too
+], ids=["noise", "vq_decoder", "vq_decoder+unet"])
 def test_frozen_parameters_do_not_change_while_the_rest_trains(objective: str, patterns) -> None:
     config = PriorTrainConfig(objective=objective, mode="quarter", loss={"gan": 0.5})
     model = PriorModel.from_config("tiny", seed=0)
-    from ldm_prior.finetune import VQ_DECODER_PATTERNS
-
-    select_trainable(model, UNET_DECODER_PATTERNS if objective == "noise" else VQ_DECODER_PATTERNS)
+    select_trainable(model, patterns)
     trainer = PriorTrainer(model, config)
     before = {name: tensor.clone() for name, tensor in trainer.state_dict().items()}
     trainable = {name for name, p in trainer.named_parameters() if p.requires_grad}
@@ -93,8 +98,9 @@ def test_frozen_parameters_do_not_change_while_the_rest_trains(objective: str, p
     if objective == "vq_decoder":
         assert {"l1", "gan_g", "gan_d"} <= set(logs)
         assert any(name.startswith("discriminator.") for name in changed)
-        assert all(name.startswith(("prior.vqvae.decoder.", "prior.vqvae.post_quant_conv.", "discriminator."))
-                   for name in changed)
+        prefixes = ("prior.vqvae.decoder.", "prior.vqvae.post_quant_conv.", "discriminator.")
+        assert {name for name in changed if not name.startswith(prefixes)} == (
+            {name for name in trainable if name.startswith("prior.unet.")})
 
 
 def test_validation_noise_loss_is_deterministic_with_a_generator() -> None:
@@ -188,20 +194,44 @@ def test_residual_target_is_the_sharp_latent_minus_the_blurry_one_and_decodes_ba
         assert scale > 1.5 * estimate_latent_scale(sharp_model, [(blurry, sharp)], mode)
 
 
-def test_vq_decoder_objective_decodes_the_residual_estimate_with_the_blurry_latent_added() -> None:
+@pytest.mark.parametrize("min_timestep, max_timestep", [(0, 200), (999, 1000)])
+def test_vq_decoder_objective_decodes_the_residual_estimate_with_the_blurry_latent_added(
+    min_timestep: int, max_timestep: int
+) -> None:
+    """(999, 1000) is the one-step trailing sampler's timestep: the decoder learns its estimates."""
     model = _residual(PriorModel.from_config("tiny", seed=0)).eval()
     blurry, sharp = _images(2, 32)
     scheduler = model.ddpm_scheduler()
     with torch.no_grad():
-        decoded = vq_decoder_reconstruction(model, blurry, sharp, "full", scheduler, 200, torch.Generator().manual_seed(5))
+        decoded = vq_decoder_reconstruction(model, blurry, sharp, "full", scheduler, max_timestep,
+                                            torch.Generator().manual_seed(5), min_timestep=min_timestep)
         latents, condition = latent_target_and_condition(model, blurry, sharp, "full")
         generator = torch.Generator().manual_seed(5)
-        timesteps = torch.randint(0, 200, (2,), generator=generator)
+        timesteps = torch.randint(min_timestep, max_timestep, (2,), generator=generator)
+        if min_timestep == 999:
+            assert timesteps.tolist() == [999, 999]
         noise = torch.randn(latents.shape, generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         estimate = clean_latent_estimate(scheduler, noisy, model.unet(torch.cat([noisy, condition], 1), timesteps).sample, timesteps)
         by_hand = model.vqvae.decode(estimate / model.config.latent_scale + vq_latent(model, blurry, "full")).sample
     torch.testing.assert_close(decoded, torch.nn.functional.avg_pool2d(by_hand, 4))
+
+
+def test_pixel_residual_objective_adds_the_decoded_change_to_the_blurry_image() -> None:
+    """B + dec(ẑ) − dec(z_B): the plain objective's decoding, moved onto the blurry image; the
+    VQ decoder learns from it."""
+    residual = _residual(PriorModel.from_config("tiny", seed=0))
+    model = PriorModel(residual.config.model_copy(update={"pixel_residual": True}), unet=residual.unet, vqvae=residual.vqvae)
+    blurry, sharp = _images(2, 32)
+    scheduler = model.ddpm_scheduler()
+    select_trainable(model, VQ_DECODER_PATTERNS)
+    restored = vq_decoder_reconstruction(model, blurry, sharp, "full", scheduler, 1000, torch.Generator().manual_seed(5), 999)
+    with torch.no_grad():
+        plain = vq_decoder_reconstruction(residual, blurry, sharp, "full", scheduler, 1000, torch.Generator().manual_seed(5), 999)
+        base = decoded_image(model, vq_latent(model, blurry, "full"), "full")
+        torch.testing.assert_close(restored, blurry * 2 - 1 + plain - base)
+    restored.abs().mean().backward()
+    assert model.vqvae.decoder.conv_out.weight.grad.abs().sum() > 0
 
 
 def test_latent_target_is_saved_and_set_by_the_training_config(tmp_path) -> None:
@@ -212,6 +242,13 @@ def test_latent_target_is_saved_and_set_by_the_training_config(tmp_path) -> None
     assert load_model(PriorTrainConfig(model={"source": "tiny"})).config.latent_target == "sharp"
     switched = load_model(PriorTrainConfig(model={"source": "tiny", "latent_target": "residual"}))
     assert switched.config.latent_target == "residual"
+    # pixel_residual switches on a saved residual prior, is saved, and needs a residual target.
+    pixel = load_model(PriorTrainConfig(model={"source": str(tmp_path / "residual"), "pixel_residual": True}))
+    pixel.save_pretrained(tmp_path / "pixel")
+    assert PriorModel.from_pretrained(tmp_path / "pixel").config.pixel_residual
+    assert pixel.fingerprint() != PriorModel.from_pretrained(tmp_path / "residual").fingerprint()
+    with pytest.raises(ConfigError, match="pixel_residual needs latent_target 'residual'"):
+        load_model(PriorTrainConfig(model={"source": "tiny", "pixel_residual": True}))
     with pytest.raises(ValueError):
         PriorTrainConfig(model={"source": "tiny", "latent_target": "difference"})
 
@@ -276,6 +313,10 @@ def test_pipeline_refuses_bad_configuration(synthetic_data, tmp_path, capsys) ->
                         "--output", str(tmp_path / "run"), "data.patch_size=30"])
     assert code == 2
     assert "multiples of 16" in capsys.readouterr().err
+    code = train_prior(["--config", str(REPO / "configs/prior/cpu_tiny.yaml"), "--data", str(synthetic_data),
+                        "--output", str(tmp_path / "run"), "loss.min_timestep=999", "loss.max_timestep=999"])
+    assert code == 2
+    assert "must be below loss.max_timestep" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", sorted([*(REPO / "configs" / "prior").glob("*.yaml"),
