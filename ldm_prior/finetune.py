@@ -192,9 +192,10 @@ def vq_decoder_reconstruction(
     model: PriorModel, blurry: torch.Tensor, sharp: torch.Tensor, mode: str, scheduler,
     max_timestep: int = 200, generator: torch.Generator | None = None, min_timestep: int = 0,
 ) -> torch.Tensor:
-    """The sharp-size image (in [-1, 1]) the VQ decoder makes from the frozen UNet's one-step
-    estimate of the clean latent at a random timestep in [``min_timestep``, ``max_timestep``);
-    gradients reach only the VQ decoder side.
+    """The sharp-size image (in [-1, 1]) the VQ decoder makes from the UNet's one-step estimate
+    of the clean latent at a random timestep in [``min_timestep``, ``max_timestep``): its
+    decoding, or for a ``pixel_residual`` prior the blurry image plus the change the estimate
+    makes to the decoding. Gradients reach the VQ decoder side.
 
     The range says which estimates the decoder learns to decode: small timesteps give nearly
     clean latents (the last steps of a long sampler); ``min_timestep=999, max_timestep=1000``

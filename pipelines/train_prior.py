@@ -220,9 +220,10 @@ def centre_crop_tensor(image: torch.Tensor, size: int, unit: int) -> torch.Tenso
 
 def make_validation(config: PriorTrainConfig, dataset):
     """Validation hook: noise-prediction loss on fixed draws, PSNR of the VQ autoencoder's
-    reconstruction of the sharp crop (through the mode's path: 4x up and back in ``full``), and
-    optionally the PSNR of sampled priors and of the inputs."""
-    from ldm_prior.finetune import noise_prediction_loss, vq_autoencoder_reconstruction
+    reconstruction of the sharp crop (through the mode's path: 4x up and back in ``full``; for a
+    ``pixel_residual`` prior, the blurry crop plus the change that the sharp latent makes to the
+    decoding), and optionally the PSNR of sampled priors and of the inputs."""
+    from ldm_prior.finetune import decoded_image, noise_prediction_loss, vq_autoencoder_reconstruction, vq_latent
     from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed
     from swintormer.metrics import psnr
 
@@ -243,6 +244,9 @@ def make_validation(config: PriorTrainConfig, dataset):
             for _ in range(settings.noise_draws):
                 losses.append(float(noise_prediction_loss(prior, blurry, sharp, config.mode, scheduler, generator=generator)))
             reconstructed = vq_autoencoder_reconstruction(prior, sharp, config.mode)[0]
+            if prior.config.pixel_residual:  # what a perfect residual gives such a prior
+                base = decoded_image(prior, vq_latent(prior, blurry, config.mode), config.mode)
+                reconstructed = blurry * 2 - 1 + reconstructed - base
             reconstructed = ((reconstructed[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
             vq_scores.append(psnr(reconstructed, sharp[0].permute(1, 2, 0).cpu().numpy()))
             if settings.prior_psnr:

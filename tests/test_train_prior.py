@@ -330,3 +330,23 @@ def test_every_shipped_prior_config_validates(path: Path) -> None:
     raw = yaml.safe_load(path.read_text())
     assert (config.train.max_steps, config.mode, config.objective) == (
         raw["train"]["max_steps"], raw.get("mode", "full"), raw.get("objective", "noise"))
+
+
+def test_validation_scores_a_pixel_residual_prior_by_what_a_perfect_residual_gives() -> None:
+    """vq_psnr of a pixel-residual prior: B + dec(z_S) − dec(z_B) against S, not dec(z_S)."""
+    from pipelines.train_prior import make_validation
+    from swintormer.metrics import psnr
+
+    residual = _residual(PriorModel.from_config("tiny", seed=0)).eval()
+    pixel = PriorModel(residual.config.model_copy(update={"pixel_residual": True}), unet=residual.unet, vqvae=residual.vqvae)
+    blurry, sharp = _images(1, 32)
+    dataset = [{"input": blurry[0], "target": sharp[0], "name": "a.png"}]
+    config = PriorTrainConfig(validation={"crop": 32, "noise_draws": 1})
+    with torch.no_grad():
+        scores = {name: make_validation(config, dataset)(PriorTrainer(model, config), 0)["vq_psnr"]
+                  for name, model in (("plain", residual), ("pixel", pixel))}
+        change = (decoded_image(pixel, vq_latent(pixel, sharp, "full"), "full")
+                  - decoded_image(pixel, vq_latent(pixel, blurry, "full"), "full"))
+    by_hand = psnr(((blurry * 2 - 1 + change + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy(), sharp[0].permute(1, 2, 0).numpy())
+    assert scores["pixel"] == pytest.approx(by_hand, abs=1e-3)
+    assert abs(scores["pixel"] - scores["plain"]) > 0.5
