@@ -26,8 +26,8 @@ from ldm_prior.finetune import (
 )
 from ldm_prior.model import PriorConfig, PriorModel
 from pipelines.train_prior import PriorTrainConfig, PriorTrainer
-from swintormer.config import ConfigError
 from pipelines.train_prior import main as train_prior
+from swintormer.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
