@@ -223,7 +223,12 @@ def decoded_image(model: PriorModel, latents: torch.Tensor, mode: str) -> torch.
 
     A prior is this image, or for a ``pixel_residual`` prior the blurry image plus this image
     minus the decoding of the blurry image's own latent."""
-    decoded = model.vqvae.decode(latents).sample
+    return to_blurry_size(model, model.vqvae.decode(latents).sample, mode)
+
+
+def to_blurry_size(model: PriorModel, decoded: torch.Tensor, mode: str) -> torch.Tensor:
+    """A VQ decoding brought to the blurry image's size: area-downsampled by the VQ factor in
+    ``full`` mode (whose latent has the blurry image's size), unchanged in ``quarter`` mode."""
     return F.avg_pool2d(decoded, model.config.vq_factor) if mode == "full" else decoded
 
 
@@ -238,8 +243,7 @@ def vq_autoencoder_reconstruction(
     image itself; in ``full`` mode its 4x upsampled copy, whose decoding is area-downsampled
     back exactly as a sampled prior is (:func:`vq_decoder_reconstruction`, the sampler)."""
     decoded = model.vqvae.decode(vq_latent(model, sharp, mode))
-    restored = F.avg_pool2d(decoded.sample, model.config.vq_factor) if mode == "full" else decoded.sample
-    return restored, decoded.commit_loss
+    return to_blurry_size(model, decoded.sample, mode), decoded.commit_loss
 
 
 @torch.no_grad()

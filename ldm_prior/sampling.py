@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ldm_prior.finetune import decoded_image, to_vq_latent, vq_latent
+from ldm_prior.finetune import decoded_image, to_blurry_size, to_vq_latent, vq_latent
 from ldm_prior.model import PriorModel
 
 ConditioningMode = Literal["full", "quarter"]
@@ -202,7 +202,7 @@ class PriorSampler:
                                  for part in tiles.split(channels, dim=1))
                 return decoded - base
             decoded = self.model.vqvae.decode(tiles.to(dtype)).sample.float().clamp(-1, 1)
-            return F.avg_pool2d(decoded, config.vq_factor) if settings.mode == "full" else decoded
+            return to_blurry_size(self.model, decoded, settings.mode)
 
         source = torch.cat([latents, blurry_latent], dim=1) if config.pixel_residual else latents
         out_scale = 1 if settings.mode == "full" else config.vq_factor
