@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from swintormer.models import Swintormer, SwintormerConfig
-from swintormer.models.swintormer import softmax_plus_one
+from swintormer.models.swintormer import roll_map, softmax_plus_one
 from swintormer.padding import pad_to_multiple, reflect_pad
 
 
@@ -32,6 +32,12 @@ def test_softmax_plus_one_matches_its_definition():
     expected = shifted.exp() / (1 + shifted.exp().sum(-1, keepdim=True))
     torch.testing.assert_close(softmax_plus_one(scores), expected, rtol=1e-6, atol=1e-7)
     assert (softmax_plus_one(scores).sum(-1) < 1).all()
+
+
+@pytest.mark.parametrize("shift", [-4, 4, 0, 9, -16])
+def test_roll_map_equals_torch_roll(shift):
+    tokens = torch.randn(2, 16, 24, 3)
+    assert torch.equal(roll_map(tokens, shift), torch.roll(tokens, shifts=(shift, shift), dims=(1, 2)))
 
 
 def test_reflect_pad_equals_torch_where_torch_can_and_mirrors_beyond():
