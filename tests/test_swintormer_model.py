@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from swintormer.models import Swintormer, SwintormerConfig
-from swintormer.models.swintormer import roll_map, softmax_plus_one
+from swintormer.models.swintormer import l2_norms, roll_map, softmax_plus_one
 from swintormer.padding import pad_to_multiple, reflect_pad
 
 
@@ -38,6 +38,16 @@ def test_softmax_plus_one_matches_its_definition():
 def test_roll_map_equals_torch_roll(shift):
     tokens = torch.randn(2, 16, 24, 3)
     assert torch.equal(roll_map(tokens, shift), torch.roll(tokens, shifts=(shift, shift), dims=(1, 2)))
+
+
+def test_l2_norms_equal_vector_norm_clamped_like_normalize():
+    x = torch.randn(3, 40, 12)
+    x[0, :, 2] = 0  # a zero column: F.normalize's eps applies
+    for dim in (1, -1):
+        expected = torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(1e-12)
+        torch.testing.assert_close(l2_norms(x, dim, keepdim=True), expected)
+        torch.testing.assert_close(x / l2_norms(x, dim, keepdim=True), F.normalize(x, dim=dim))
+    assert l2_norms(x.bfloat16(), dim=1).dtype == torch.bfloat16
 
 
 def test_reflect_pad_equals_torch_where_torch_can_and_mirrors_beyond():
