@@ -194,12 +194,10 @@ def load_model(config: PriorTrainConfig):
     else:
         raise ConfigError(f"model.source {source!r}: neither a named configuration {sorted(NAMED_CONFIGS)} nor a "
                           "model folder or checkpoint file")
-    wanted = config.model.prediction_type
-    if wanted is not None and wanted != prior.config.scheduler.prediction_type:
-        scheduler = prior.config.scheduler.model_copy(update={"prediction_type": wanted})
-        prior.config = prior.config.model_copy(update={"scheduler": scheduler})
     overrides = {"latent_target": config.model.latent_target, "pixel_residual": config.model.pixel_residual}
     overrides = {key: value for key, value in overrides.items() if value is not None}
+    if config.model.prediction_type is not None:
+        overrides["scheduler"] = {**prior.config.scheduler.model_dump(), "prediction_type": config.model.prediction_type}
     if overrides:
         try:
             prior.config = PriorConfig.model_validate({**prior.config.model_dump(), **overrides})
