@@ -213,7 +213,7 @@ def vq_decoder_reconstruction(
         prediction = model.unet(torch.cat([noisy, condition], dim=1), timesteps).sample
         estimate = to_vq_latent(model, clean_latent_estimate(scheduler, noisy, prediction, timesteps), blurry_latent)
     if model.config.pixel_residual:
-        return blurry * 2 - 1 + decoded_image(model, estimate, mode) - decoded_image(model, blurry_latent, mode)
+        return pixel_residual_image(model, blurry, decoded_image(model, estimate, mode), blurry_latent, mode)
     return decoded_image(model, estimate, mode)
 
 
@@ -224,6 +224,15 @@ def decoded_image(model: PriorModel, latents: torch.Tensor, mode: str) -> torch.
     A prior is this image, or for a ``pixel_residual`` prior the blurry image plus this image
     minus the decoding of the blurry image's own latent."""
     return to_blurry_size(model, model.vqvae.decode(latents).sample, mode)
+
+
+def pixel_residual_image(
+    model: PriorModel, blurry: torch.Tensor, decoded: torch.Tensor, blurry_latent: torch.Tensor, mode: str
+) -> torch.Tensor:
+    """A ``pixel_residual`` prior's image in [-1, 1] (before clamping): the blurry image (in
+    [0, 1]) plus ``decoded`` (a :func:`decoded_image`) minus the decoding of the blurry image's
+    own latent, B + dec(z) − dec(z_B). The sampler computes the same per decoding tile."""
+    return blurry * 2 - 1 + decoded - decoded_image(model, blurry_latent, mode)
 
 
 def to_blurry_size(model: PriorModel, decoded: torch.Tensor, mode: str) -> torch.Tensor:

@@ -221,7 +221,7 @@ def make_validation(config: PriorTrainConfig, dataset):
     reconstruction of the sharp crop (through the mode's path: 4x up and back in ``full``; for a
     ``pixel_residual`` prior, the blurry crop plus the change that the sharp latent makes to the
     decoding), and optionally the PSNR of sampled priors and of the inputs."""
-    from ldm_prior.finetune import decoded_image, noise_prediction_loss, vq_autoencoder_reconstruction, vq_latent
+    from ldm_prior.finetune import noise_prediction_loss, pixel_residual_image, vq_autoencoder_reconstruction, vq_latent
     from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed
     from swintormer.metrics import psnr
 
@@ -243,8 +243,8 @@ def make_validation(config: PriorTrainConfig, dataset):
                 losses.append(float(noise_prediction_loss(prior, blurry, sharp, config.mode, scheduler, generator=generator)))
             reconstructed = vq_autoencoder_reconstruction(prior, sharp, config.mode)[0]
             if prior.config.pixel_residual:  # what a perfect residual gives such a prior
-                base = decoded_image(prior, vq_latent(prior, blurry, config.mode), config.mode)
-                reconstructed = blurry * 2 - 1 + reconstructed - base
+                reconstructed = pixel_residual_image(prior, blurry, reconstructed, vq_latent(prior, blurry, config.mode),
+                                                     config.mode)
             reconstructed = ((reconstructed[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
             vq_scores.append(psnr(reconstructed, sharp[0].permute(1, 2, 0).cpu().numpy()))
             if settings.prior_psnr:
