@@ -18,11 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # Both counters run the model in training mode, where every forward computes the position-bias
-# MLP (inference caches it after the first call, which would make the two counts differ by it).
+# MLP (inference caches it after the first call, which would make the two counts differ by it),
+# and with autograd on, so that both see the plain path rather than CPU inference's oneDNN ops.
 
 
 def _flop_counter_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     return counter.get_total_flops() // 2  # PyTorch counts a multiply-accumulate as 2 FLOPs
 

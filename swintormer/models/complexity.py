@@ -67,7 +67,13 @@ class _Counter(TorchDispatchMode):
 
 
 def count_macs(model: nn.Module, *inputs: torch.Tensor) -> MacCount:
-    """Run ``model(*inputs)`` without gradients and count its MACs per top-level child module."""
+    """Run ``model(*inputs)`` and count its MACs per top-level child module.
+
+    The forward runs with autograd enabled, so that a model takes its plain path: the network's
+    own products, not the CPU-inference fast paths (oneDNN ops with packed weights, whose FFN
+    products are padded to whole vectors). On the ``meta`` device that costs nothing; on real
+    tensors the graph is dropped when the call returns.
+    """
     result, scope = MacCount(), []
 
     def enter(name: str):
@@ -83,7 +89,7 @@ def count_macs(model: nn.Module, *inputs: torch.Tensor) -> MacCount:
         handles.append(child.register_forward_pre_hook(enter(name)))
         handles.append(child.register_forward_hook(leave))
     try:
-        with torch.no_grad(), _Counter(result, scope):
+        with torch.enable_grad(), _Counter(result, scope):
             model(*inputs)
     finally:
         for handle in handles:
