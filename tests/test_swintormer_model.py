@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from swintormer.models import Swintormer, SwintormerConfig
-from swintormer.models.swintormer import l2_norms, roll_map, softmax_plus_one
+from swintormer.models.swintormer import l2_norms, softmax_plus_one, window_group_pieces, window_partition, window_piece
 from swintormer.padding import pad_to_multiple, reflect_pad
 
 
@@ -34,10 +34,27 @@ def test_softmax_plus_one_matches_its_definition():
     assert (softmax_plus_one(scores).sum(-1) < 1).all()
 
 
-@pytest.mark.parametrize("shift", [-4, 4, 0, 9, -16])
-def test_roll_map_equals_torch_roll(shift):
-    tokens = torch.randn(2, 16, 24, 3)
-    assert torch.equal(roll_map(tokens, shift), torch.roll(tokens, shifts=(shift, shift), dims=(1, 2)))
+@pytest.mark.parametrize("shift", [0, 4])
+@pytest.mark.parametrize("group", [1, 2, 3])
+def test_window_group_pieces_cut_the_windows_torch_roll_brings(shift, group):
+    """A shifted block's groups of windows are cut from the unrolled map, wrapping around its
+    edges: the pieces must assemble exactly the windows of the map rolled by −shift, and cover
+    every pixel of the map once."""
+    window, height, width = 8, 24, 48
+    image_map = torch.randn(height, width, 5)
+    rolled = window_partition(torch.roll(image_map, (-shift, -shift), (0, 1)).permute(2, 0, 1)[None], window)
+    rolled = rolled.view(height // window, width // window, 5, window, window).permute(0, 1, 3, 4, 2)
+    covered = torch.zeros(height, width, dtype=torch.int64)
+    for row in range(height // window):
+        for col in range(0, width // window, group):
+            buffer = torch.full((group, window, window, 5), float("nan"))
+            for group_index, map_index, whole in window_group_pieces(
+                window, group, row * window + shift, col * window + shift, height, width
+            ):
+                buffer[group_index] = window_piece(image_map, map_index, whole)
+                covered[map_index] += 1
+            assert torch.equal(buffer, rolled[row, col : col + group])
+    assert (covered == 1).all()
 
 
 def test_l2_norms_equal_vector_norm_clamped_like_normalize():
@@ -146,6 +163,18 @@ def test_inference_cache_follows_new_weights(tiny):
         torch.testing.assert_close(model(x), tiny(x), rtol=0, atol=1e-6)
 
 
+def test_a_model_built_under_inference_mode_runs_and_follows_weight_updates(tiny):
+    """Weights made under torch.inference_mode carry no version counter, so in-place updates to
+    them cannot be seen: nothing derived from them (packed weights, position biases) may be
+    cached, and a weight update must show in the next forward."""
+    x = torch.rand(1, 6, 64, 64, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        model = Swintormer(SwintormerConfig.preset("tiny")).eval()
+        model(x)
+        model.load_state_dict(tiny.state_dict())  # in-place copies into the inference tensors
+        torch.testing.assert_close(model(x), tiny(x), rtol=0, atol=1e-6)
+
+
 def test_packed_pointwise_matches_linear_and_follows_every_weight_change():
     """fp32 CPU inference runs 1×1 convs on oneDNN with a packed copy of the weight; the copy
     must be remade whenever the weight changes, however it changes."""
@@ -163,8 +192,8 @@ def test_packed_pointwise_matches_linear_and_follows_every_weight_change():
     with torch.inference_mode():
         assert layers.uses_packed_weights(tokens)
         torch.testing.assert_close(layers.pointwise(conv, tokens), expected(), rtol=0, atol=1e-5)
-        packed = layers._packed_weight(conv)
-        assert layers._packed_weight(conv) is packed  # packed once, reused
+        packed = layers.packed_weight(conv, "linear", layers.pack_linear_weight)
+        assert layers.packed_weight(conv, "linear", layers.pack_linear_weight) is packed  # packed once, reused
     with torch.no_grad():
         conv.weight.mul_(-2.0)  # an in-place update, as an optimiser step or EMA copy makes
     with torch.inference_mode():
@@ -180,6 +209,31 @@ def test_packed_pointwise_matches_linear_and_follows_every_weight_change():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert not layers.uses_packed_weights(tokens)
         assert layers.pointwise(conv, tokens).dtype == torch.bfloat16
+
+
+def test_packed_conv2d_matches_the_conv_and_follows_weight_changes():
+    """fp32 CPU inference runs the dense convs on oneDNN with a weight packed per input size;
+    the results must be nn.Conv2d's, for every input size and after a weight update."""
+    from swintormer.models import layers
+
+    if not layers._ONEDNN_CONV:
+        pytest.skip("this PyTorch build has no oneDNN convolution")
+    generator = torch.Generator().manual_seed(4)
+    packed = layers.PackedConv2d(12, 20, kernel_size=3, padding=1, bias=True)
+    plain = torch.nn.Conv2d(12, 20, kernel_size=3, padding=1, bias=True)
+    plain.load_state_dict(packed.state_dict())
+    for shape in ((1, 12, 16, 24), (2, 12, 9, 7)):
+        x = torch.randn(shape, generator=generator).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            torch.testing.assert_close(packed(x), plain(x), rtol=0, atol=1e-5)
+            assert ("conv", shape) in layers._packed_weights[packed]
+    with torch.no_grad():
+        packed.weight.mul_(-2.0)
+        plain.weight.mul_(-2.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), plain(x), rtol=0, atol=1e-5)
+    x.requires_grad_(True)
+    assert packed(x).grad_fn is not None  # training: PyTorch's own conv, with gradients
 
 
 def test_save_and_load_round_trip(tiny, tmp_path):
@@ -275,10 +329,12 @@ def test_sparse_gated_gopro_preset_has_about_the_paper_parameter_count():
     assert abs(params - 25_177_224) / 25_177_224 < 0.01
 
 
-def test_cache_blocked_inference_paths_run_on_cpu_only(monkeypatch):
-    """CPU inference runs the blocks a group of windows / pixels at a time (for CPU caches);
-    training, autocast and other devices (a GPU: here the meta device) take the plain path,
-    one batched operation per step."""
+@pytest.mark.parametrize("shift", [0, 4])
+def test_cache_blocked_inference_paths_run_on_cpu_only(monkeypatch, shift):
+    """CPU inference runs the blocks a group of windows / pixels at a time (for CPU caches), with
+    the same numbers as the plain path and without touching the block's input; training,
+    autocast and other devices (a GPU: here the meta device) take the plain path, one batched
+    operation per step."""
     import copy
 
     from swintormer.models.swintormer import GatedFeedForward, MixedWindowAttention, TransformerBlock
@@ -288,19 +344,27 @@ def test_cache_blocked_inference_paths_run_on_cpu_only(monkeypatch):
     def recording(cls):
         blocked_forward = cls.residual_forward
 
-        def residual_forward(self, x, norm):
+        def residual_forward(self, *args, **kwargs):
             calls.append(cls)
-            return blocked_forward(self, x, norm)
+            return blocked_forward(self, *args, **kwargs)
 
         return residual_forward
 
     for cls in (MixedWindowAttention, GatedFeedForward):
         monkeypatch.setattr(cls, "residual_forward", recording(cls))
-    block = TransformerBlock(SwintormerConfig.preset("tiny"), dim=16, num_heads=2, shift_size=4).eval()
-    x = torch.rand(1, 16, 16, 16)
+    # Groups of 2 of a row's 6 windows, so that groups inside the map and at its edges both occur.
+    monkeypatch.setattr(MixedWindowAttention, "GROUP_BYTES", 2 * 3 * 16 * 8 * 8 * 4)
+    torch.manual_seed(0)
+    block = TransformerBlock(SwintormerConfig.preset("tiny"), dim=16, num_heads=2, shift_size=shift).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(2, 16, 32, 48).contiguous(memory_format=torch.channels_last)
+    original = x.clone()
     with torch.no_grad():
         blocked = block(x)
     assert calls == [MixedWindowAttention, GatedFeedForward]
+    assert torch.equal(x, original)
     calls.clear()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         block(x)
@@ -308,5 +372,5 @@ def test_cache_blocked_inference_paths_run_on_cpu_only(monkeypatch):
     with torch.no_grad():
         assert on_meta(x.to("meta")).shape == x.shape
     assert calls == []
-    assert torch.allclose(block(x), blocked, atol=1e-5)  # the plain (grad-enabled) path: same numbers
+    torch.testing.assert_close(block(x), blocked, rtol=0, atol=1e-5)  # the plain (grad-enabled) path
     assert calls == []

@@ -33,7 +33,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,7 +45,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from swintormer.models.layers import ChannelLayerNorm, cpu_inference, pointwise
+from swintormer.models.layers import (
+    ChannelLayerNorm,
+    PackedConv2d,
+    cpu_inference,
+    onednn_linear,
+    pack_linear_weight,
+    packed_weight,
+    pointwise,
+    tensor_state,
+    uses_packed_weights,
+)
 from swintormer.models.sparse_gated import FrequencyGatedFeedForward, TopKChannelAttention
 from swintormer.padding import pad_to_multiple
 
@@ -269,18 +281,48 @@ class GatedFeedForward(nn.Module):
         n, c, height, width = x.shape
         tokens = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view on channels-last memory
         out = torch.empty_like(tokens)
-        hidden = self.project_out.weight.shape[1]
+        project_in, project_out, hidden = self._projections(tokens)
         rows = max(1, self.BLOCK_BYTES // (2 * hidden * tokens.element_size()))
         ln = norm.body
         for start in range(0, tokens.shape[0], rows):
             block = tokens[start : start + rows]
-            h = F.layer_norm(block, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-            h = pointwise(self.project_in, h)
+            h = project_in(F.layer_norm(block, ln.normalized_shape, ln.weight, ln.bias, ln.eps))
             h = h[:, :hidden] * h[:, hidden:]
             # Not a fused ``addmm(out=...)``: out= variants bypass autocast, and under bf16 autocast
             # the GEMM must see bf16 operands while the sum keeps the residual's dtype.
-            torch.add(block, pointwise(self.project_out, h), out=out[start : start + rows])
+            torch.add(block, project_out(h), out=out[start : start + rows])
         return out.view(n, height, width, c).permute(0, 3, 1, 2)
+
+    def _projections(self, tokens: torch.Tensor) -> tuple[Callable, Callable, int]:
+        """``project_in`` and ``project_out`` as functions of token blocks, and the hidden width
+        between them.
+
+        On oneDNN the hidden width is padded to a multiple of 16 (255 → 256 for the paper's
+        96 channels) with zero weights: each padded channel is exactly 0, and adding 0·0 to the
+        second product's sums changes no bit of the result, while the GEMMs and the gate's
+        product run on whole 16-float vectors (the FFN 1–11% faster, by width; measurements doc,
+        ninth session).
+        """
+        hidden = self.project_out.weight.shape[1]
+        if not uses_packed_weights(tokens):
+            return partial(pointwise, self.project_in), partial(pointwise, self.project_out), hidden
+        padded = -(-hidden // 16) * 16
+
+        def pad_halves(t: torch.Tensor) -> torch.Tensor:  # 2·hidden×… → 2·padded×…, zeros after each half
+            zeros = t.new_zeros(padded - hidden, *t.shape[1:])
+            return torch.cat([t[:hidden], zeros, t[hidden:], zeros])
+
+        def pad_columns(weight: torch.Tensor) -> torch.Tensor:  # c×hidden → c×padded
+            return F.pad(weight.flatten(1), (0, padded - hidden))
+
+        in_weight = packed_weight(self.project_in, "padded", lambda w: pack_linear_weight(pad_halves(w.flatten(1))))
+        out_weight = packed_weight(self.project_out, "padded", lambda w: pack_linear_weight(pad_columns(w)))
+        in_bias = None if self.project_in.bias is None else pad_halves(self.project_in.bias)
+        return (
+            lambda h: onednn_linear(h, in_weight, in_bias),
+            lambda h: onednn_linear(h, out_weight, self.project_out.bias),
+            padded,
+        )
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -290,17 +332,49 @@ def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(-1, c, window, window)
 
 
-def roll_map(tokens: torch.Tensor, shift: int) -> torch.Tensor:
-    """``torch.roll(tokens, (shift, shift), dims=(1, 2))`` for an n×H×W×c map, as four block
-    copies: the same values, and about twice as fast as torch.roll on this project's CPU
-    (0.14 against 0.28 ms for a 128×128×96 map)."""
-    out = torch.empty_like(tokens)
-    height, width = tokens.shape[1:3]
-    dy, dx = shift % height, shift % width
-    for target_rows, source_rows in ((slice(dy, None), slice(0, height - dy)), (slice(0, dy), slice(height - dy, None))):
-        for target_cols, source_cols in ((slice(dx, None), slice(0, width - dx)), (slice(0, dx), slice(width - dx, None))):
-            out[:, target_rows, target_cols] = tokens[:, source_rows, source_cols]
-    return out
+def _wrapped_runs(start: int, length: int, size: int) -> list[tuple[int, int, int]]:
+    """Positions [start, start + length) along an axis ``size`` long, wrapping around its end
+    (``start < size``, ``length <= size``): (offset, source start, run length) runs."""
+    first = min(length, size - start)
+    return [(0, start, first)] + ([(first, 0, length - first)] if first < length else [])
+
+
+def window_group_pieces(
+    window: int, group: int, top: int, left: int, height: int, width: int
+) -> list[tuple[tuple[Any, ...], tuple[slice, slice], int]]:
+    """Where ``group`` windows side by side lie in an H×W map, cut from row ``top`` and column
+    ``left`` and wrapping around the map's edges, exactly as after ``torch.roll`` by
+    (−top mod w, −left mod w): a shifted block's windows, without rolling the map.
+
+    Returns (group index, map index, k) triples. ``group_buffer[group index]`` (of a g×w×w×c
+    buffer) matches ``map[map index]`` (of an H×W×c map), seen as k whole windows
+    (``map[index].unflatten(1, (k, w)).transpose(0, 1)``, see :func:`window_piece`) when k > 0
+    and as is when k = 0 (part of one window's columns). Away from the map's last row and column
+    of windows the result is a single piece of g whole windows.
+    """
+    pieces = []
+    for row_offset, source_row, rows in _wrapped_runs(top, window, height):
+        row_index = slice(row_offset, row_offset + rows)
+        for col_offset, source_col, cols in _wrapped_runs(left, group * window, width):
+            start, stop = col_offset, col_offset + cols
+            while start < stop:  # split the run at window borders, whole windows kept together
+                if start % window == 0 and stop - start >= window:
+                    end, whole = start + (stop - start) // window * window, (stop - start) // window
+                    group_index: tuple[Any, ...] = (slice(start // window, end // window), row_index)
+                else:
+                    end, whole = min(stop, (start // window + 1) * window), 0
+                    group_index = (start // window, row_index, slice(start % window, start % window + end - start))
+                source = source_col + start - col_offset
+                map_index = (slice(source_row, source_row + rows), slice(source, source + end - start))
+                pieces.append((group_index, map_index, whole))
+                start = end
+    return pieces
+
+
+def window_piece(image_map: torch.Tensor, map_index: tuple[slice, slice], whole: int) -> torch.Tensor:
+    """The view of ``image_map`` (H×W×c) named by a :func:`window_group_pieces` triple."""
+    piece = image_map[map_index]
+    return piece.unflatten(1, (whole, -1)).transpose(0, 1) if whole else piece
 
 
 def shifted_window_mask(height: int, width: int, window: int, shift: int) -> torch.Tensor:
@@ -370,9 +444,9 @@ class MixedWindowAttention(nn.Module):
         inference (eval mode, no gradients) the result is cached, keyed on the MLP weights'
         versions so that loading new weights invalidates it.
         """
-        params = tuple(self.cpb_mlp.parameters())
-        key = (height, width, device, *((p._version, p.data_ptr()) for p in params))
-        cacheable = not self.training and not torch.is_grad_enabled()
+        states = tuple(tensor_state(p) for p in self.cpb_mlp.parameters())
+        key = (height, width, device, *states)
+        cacheable = not self.training and not torch.is_grad_enabled() and None not in states
         if cacheable and key in self._cache:
             return self._cache[key]
         table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
@@ -401,12 +475,15 @@ class MixedWindowAttention(nn.Module):
         norms = l2_norms(qk, dim=-1, keepdim=True)
         scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp().view(heads, 1)
         q, k = (qk / (norms / torch.stack([scale, torch.ones_like(scale)]))).unbind(2)
-        scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1)  # n×heads×tokens×tokens
-        bias = bias.to(scores.dtype)
-        if bias.ndim == 4:  # one bias per window position: broadcast over the images
-            scores.view(-1, *bias.shape).add_(bias)
-        else:
-            scores += bias
+        n, tokens, d = q.shape[0], q.shape[1], q.shape[-1]
+        # The bias as the product's starting value: one pass over the scores fewer than adding it
+        # afterwards. Per window position (nW×heads, repeating over the images) or shared.
+        bias = bias.expand(n // bias.shape[0], *bias.shape) if bias.ndim == 4 else bias.expand(n, *bias.shape)
+        scores = torch.baddbmm(
+            bias.reshape(n * heads, tokens, tokens),
+            q.transpose(1, 2).reshape(n * heads, tokens, d),
+            k.permute(0, 2, 3, 1).reshape(n * heads, d, tokens),
+        ).view(n, heads, tokens, tokens)
         probs = torch.softmax(scores, dim=-1)
         v = qkv[..., 2 * channels :].unflatten(-1, (heads, -1)).transpose(1, 2)
         # softmax-plus-one = softmax / (1 + row max of softmax) (see softmax_plus_one); the
@@ -473,40 +550,42 @@ class MixedWindowAttention(nn.Module):
         Windows are independent, so each group goes from the input through the layer norm,
         q/k/v, both branches, ``project_out`` and the residual add while its data (a few MiB)
         stays in cache, instead of every step passing full-map tensors (19 MB of q/k/v at
-        decoder level 1 for a 256×256 input) through memory. Cutting a group out of the map and
-        writing it back are strided copies of that group, so no full-map window (un)partition
-        copies remain. A group lies within one row of windows of one image, so a shifted
-        block's per-window bias is a slice. The residual is added in rolled coordinates,
-        which the final roll maps back: ``x + roll(a) = roll(roll⁻¹(x) + a)``.
+        decoder level 1 for a 256×256 input) through memory. A group is copied out of the map
+        and its result added back in place with strided copies of that group, so no full-map
+        window (un)partition copies remain. A shifted block's group is cut at an offset of half
+        a window, wrapping around the map's edges (:func:`window_group_pieces`), which is what
+        ``torch.roll`` there and back would do, without the two passes over the map. A group
+        lies within one row of windows of one image, so a shifted block's per-window bias is a
+        slice.
         """
         n, c, height, width = x.shape
         window, shift = self.window_size, self.shift_size
         rows, cols = height // window, width // window
         tokens = x.permute(0, 2, 3, 1)  # n×H×W×c, a view on channels-last memory
-        if shift > 0:
-            tokens = roll_map(tokens, -shift)
         out = torch.empty(tokens.shape, dtype=x.dtype, device=x.device)
-
-        def windows_of(t: torch.Tensor) -> torch.Tensor:  # n×H×W×c → n×rows×cols×w×w×c view
-            return t.reshape(n, rows, window, cols, window, c).permute(0, 1, 3, 2, 4, 5)
-
-        source, target = windows_of(tokens), windows_of(out)
         bias = self._position_bias(height, width, x.device) if self.attention != "channel" else None
         group = max(1, self.GROUP_BYTES // (3 * c * window * window * x.element_size()))
         group = max(g for g in range(1, min(group, cols) + 1) if cols % g == 0)
+        shared_bias = bias is not None and bias.ndim == 3
+        if shared_bias and self.num_heads > 1:
+            # Laid out once for a group's product (see _window_branch), not once per group.
+            bias = bias.expand(group, *bias.shape).contiguous()
+        part = torch.empty(group, window, window, c, dtype=x.dtype, device=x.device)
         ln = norm.body
-        for image in range(n):
-            for row in range(rows):
-                for col in range(0, cols, group):
-                    part = source[image, row, col : col + group].reshape(group, window, window, c)
+        for row in range(rows):
+            for col in range(0, cols, group):
+                pieces = window_group_pieces(window, group, row * window + shift, col * window + shift, height, width)
+                position = bias
+                if bias is not None and not shared_bias:
+                    position = bias[row * cols + col : row * cols + col + group]
+                for image in range(n):
+                    for group_index, map_index, whole in pieces:
+                        part[group_index].copy_(window_piece(tokens[image], map_index, whole))
                     normed = F.layer_norm(part, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-                    position = bias
-                    if bias is not None and bias.ndim == 4:
-                        position = bias[row * cols + col : row * cols + col + group]
                     result = self._attend(normed, position).view(group, window, window, c)
-                    torch.add(part, result, out=target[image, row, col : col + group])
-        if shift > 0:
-            out = roll_map(out, shift)
+                    for group_index, map_index, whole in pieces:
+                        target = window_piece(out[image], map_index, whole)
+                        torch.add(part[group_index], result[group_index], out=target)
         return out.permute(0, 3, 1, 2)
 
 
@@ -562,7 +641,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, in_channels: int, dim: int, bias: bool) -> None:
         super().__init__()
         self.proj = nn.PixelUnshuffle(2)
-        self.proj2 = nn.Conv2d(4 * in_channels, dim, kernel_size=3, padding=1, bias=bias)
+        self.proj2 = PackedConv2d(4 * in_channels, dim, kernel_size=3, padding=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj2(self.proj(x))
@@ -574,7 +653,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, channels // 2, kernel_size=3, padding=1, bias=False), nn.PixelUnshuffle(2)
+            PackedConv2d(channels, channels // 2, kernel_size=3, padding=1, bias=False), nn.PixelUnshuffle(2)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -587,7 +666,7 @@ class Upsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, 2 * channels, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2)
+            PackedConv2d(channels, 2 * channels, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -629,19 +708,19 @@ class Swintormer(nn.Module):
         self.latent = stage(8 * dim, heads[3], config.num_blocks[3])
 
         self.up4_3 = Upsample(8 * dim)
-        self.reduce_chan_level3 = nn.Conv2d(8 * dim, 4 * dim, kernel_size=1, bias=config.bias)
+        self.reduce_chan_level3 = PackedConv2d(8 * dim, 4 * dim, kernel_size=1, bias=config.bias)
         self.decoder_level3 = stage(4 * dim, heads[2], config.num_blocks[2])
         self.up3_2 = Upsample(4 * dim)
-        self.reduce_chan_level2 = nn.Conv2d(4 * dim, 2 * dim, kernel_size=1, bias=config.bias)
+        self.reduce_chan_level2 = PackedConv2d(4 * dim, 2 * dim, kernel_size=1, bias=config.bias)
         self.decoder_level2 = stage(2 * dim, heads[1], config.num_blocks[1])
         self.up2_1 = Upsample(2 * dim)
         # Level 1 keeps the concatenated 2·dim channels: no reduction conv.
         self.decoder_level1 = stage(2 * dim, heads[0], config.num_blocks[0])
         self.refinement = stage(2 * dim, heads[0], config.num_refinement_blocks)
-        self.skip_conv = nn.Conv2d(dim, 2 * dim, kernel_size=1, bias=config.bias)
+        self.skip_conv = PackedConv2d(dim, 2 * dim, kernel_size=1, bias=config.bias)
         self.apply(_init_weights)
         # Created after the init above, as in the reference, so it keeps PyTorch's default init.
-        self.output = nn.Sequential(nn.Conv2d(2 * dim, 12, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2))
+        self.output = nn.Sequential(PackedConv2d(2 * dim, 12, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2))
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute the activations of the deeper stages in the backward pass (saves memory)."""
