@@ -329,8 +329,8 @@ def test_sparse_gated_gopro_preset_has_about_the_paper_parameter_count():
     assert abs(params - 25_177_224) / 25_177_224 < 0.01
 
 
-@pytest.mark.parametrize("shift", [0, 4])
-def test_cache_blocked_inference_paths_run_on_cpu_only(monkeypatch, shift):
+@pytest.mark.parametrize(("shift", "bias"), [(0, False), (4, True)])
+def test_cache_blocked_inference_paths_run_on_cpu_only(monkeypatch, shift, bias):
     """CPU inference runs the blocks a group of windows / pixels at a time (for CPU caches), with
     the same numbers as the plain path and without touching the block's input; training,
     autocast and other devices (a GPU: here the meta device) take the plain path, one batched
@@ -355,7 +355,8 @@ def test_cache_blocked_inference_paths_run_on_cpu_only(monkeypatch, shift):
     # Groups of 2 of a row's 6 windows, so that groups inside the map and at its edges both occur.
     monkeypatch.setattr(MixedWindowAttention, "GROUP_BYTES", 2 * 3 * 16 * 8 * 8 * 4)
     torch.manual_seed(0)
-    block = TransformerBlock(SwintormerConfig.preset("tiny"), dim=16, num_heads=2, shift_size=shift).eval()
+    config = SwintormerConfig.preset("tiny", bias=bias)  # with biases, the padded FFN pads them too
+    block = TransformerBlock(config, dim=16, num_heads=2, shift_size=shift).eval()
     with torch.no_grad():
         for p in block.parameters():
             p.add_(0.05 * torch.randn_like(p))
