@@ -114,7 +114,8 @@ class PackedConv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (_ONEDNN_CONV and uses_packed_weights(x) and x.is_contiguous(memory_format=torch.channels_last)):
+        packable = _ONEDNN_CONV and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        if not (packable and uses_packed_weights(x) and x.is_contiguous(memory_format=torch.channels_last)):
             return super().forward(x)
         size = tuple(x.shape)
         padding, stride, dilation = list(self.padding), list(self.stride), list(self.dilation)
