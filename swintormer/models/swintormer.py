@@ -437,15 +437,19 @@ class MixedWindowAttention(nn.Module):
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
         self._cache: dict[Any, torch.Tensor] = {}
 
-    def _position_bias(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+    def _position_bias(
+        self, height: int, width: int, device: torch.device, windows: int | None = None
+    ) -> torch.Tensor:
         """``16·sigmoid(cpb_mlp(coords))`` for every token pair, plus the shift mask.
 
-        Returns heads×w²×w² (no shift) or nW×heads×w²×w² (shifted windows of an H×W map). In
-        inference (eval mode, no gradients) the result is cached, keyed on the MLP weights'
-        versions so that loading new weights invalidates it.
+        Returns heads×w²×w² (no shift) or nW×heads×w²×w² (shifted windows of an H×W map). With
+        ``windows`` and several heads, the unshifted bias comes repeated for a product over that
+        many windows (windows×heads×w²×w², see ``_window_branch``). In inference (eval mode, no
+        gradients) the result is cached, keyed on the MLP weights' versions so that loading new
+        weights invalidates it.
         """
         states = tuple(tensor_state(p) for p in self.cpb_mlp.parameters())
-        key = (height, width, device, *states)
+        key = (height, width, device, windows, *states)
         cacheable = not self.training and not torch.is_grad_enabled() and None not in states
         if cacheable and key in self._cache:
             return self._cache[key]
@@ -456,6 +460,8 @@ class MixedWindowAttention(nn.Module):
         if self.shift_size > 0:
             mask = shifted_window_mask(height, width, self.window_size, self.shift_size).to(device)
             bias = bias.unsqueeze(0) + mask.unsqueeze(1)
+        elif windows is not None and self.num_heads > 1:
+            bias = bias.expand(windows, *bias.shape)
         if cacheable:
             if len(self._cache) > 8:  # many image sizes in one session: keep memory bounded
                 self._cache.clear()
@@ -563,20 +569,16 @@ class MixedWindowAttention(nn.Module):
         rows, cols = height // window, width // window
         tokens = x.permute(0, 2, 3, 1)  # n×H×W×c, a view on channels-last memory
         out = torch.empty(tokens.shape, dtype=x.dtype, device=x.device)
-        bias = self._position_bias(height, width, x.device) if self.attention != "channel" else None
         group = max(1, self.GROUP_BYTES // (3 * c * window * window * x.element_size()))
         group = max(g for g in range(1, min(group, cols) + 1) if cols % g == 0)
-        shared_bias = bias is not None and bias.ndim == 3
-        if shared_bias and self.num_heads > 1:
-            # Laid out once for a group's product (see _window_branch), not once per group.
-            bias = bias.expand(group, *bias.shape).contiguous()
+        bias = self._position_bias(height, width, x.device, group) if self.attention != "channel" else None
         part = torch.empty(group, window, window, c, dtype=x.dtype, device=x.device)
         ln = norm.body
         for row in range(rows):
             for col in range(0, cols, group):
                 pieces = window_group_pieces(window, group, row * window + shift, col * window + shift, height, width)
                 position = bias
-                if bias is not None and not shared_bias:
+                if bias is not None and shift > 0:
                     position = bias[row * cols + col : row * cols + col + group]
                 for image in range(n):
                     for group_index, map_index, whole in pieces:
