@@ -33,6 +33,7 @@ from pydantic import Field
 
 from pipelines.training_setup import discover_training_pairs, load_run_config, resolve_splits
 from swintormer.config import ConfigError, StrictModel, TrainingConfig, add_run_arguments, save_config
+from swintormer.degradations import DegradationConfig
 from swintormer.losses import LossConfig, MissingWeightsError, build_loss
 
 
@@ -64,6 +65,10 @@ class DataSection(StrictModel):
     repeat: int = Field(1, ge=1)  # visits of each pair per epoch (small datasets)
     cache_images: bool = False
     prior: PriorSection = Field(default_factory=PriorSection)
+    # Set: the splits hold sharp photos, degraded on the fly (swintormer.degradations); the
+    # validation split becomes a fixed set of degraded centre crops of this side.
+    degradation: DegradationConfig | None = None
+    validation_crop: int = Field(256, gt=0)
 
 
 class ValidationSection(StrictModel):
@@ -109,6 +114,35 @@ def prior_source(config: SwintormerTrainConfig):
     from ldm_prior.cache import PriorCache
 
     return PriorCache(prior.path, data_root=prior.data_root, expected=prior.expected or None)
+
+
+def build_datasets(config: SwintormerTrainConfig, train_split: Path, val_split: Path | None, source):
+    """Training patches and validation images: fixed pairs, or sharp photos degraded on the fly."""
+    data = config.data
+    if data.degradation is not None:
+        if source is not None:
+            raise ConfigError("data.degradation makes its blurry inputs on the fly, which no prior cache or "
+                              "folder can hold; use model.in_channels=3 with it")
+        from swintormer.degraded_datasets import DegradedImageDataset, DegradedPatchDataset, discover_photos
+
+        train_set = DegradedPatchDataset(discover_photos(train_split), data.patch_size, data.degradation,
+                                         augment=data.augment, seed=config.train.seed, repeat=data.repeat,
+                                         cache_images=data.cache_images)
+        val_set = None
+        if val_split is not None:
+            val_set = DegradedImageDataset(discover_photos(val_split), data.validation_crop, data.degradation,
+                                           seed=config.train.seed)
+        return train_set, val_set
+    from swintormer.datasets import PairedImageDataset, PairedPatchDataset
+
+    train_set = PairedPatchDataset(discover_training_pairs(train_split, data.layout, "training data"),
+                                   data.patch_size, augment=data.augment, prior_source=source,
+                                   seed=config.train.seed, repeat=data.repeat, cache_images=data.cache_images)
+    val_set = None
+    if val_split is not None:
+        val_set = PairedImageDataset(discover_training_pairs(val_split, data.layout, "validation data"),
+                                     prior_source=source, cache_images=True)
+    return train_set, val_set
 
 
 def build_model(config: SwintormerTrainConfig):
@@ -186,17 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         train_split, val_split = resolve_splits(config.data.root, config.data.val_root)
         source = prior_source(config)
         loss = build_loss(config.loss)  # missing backbone files stop the run here, before training
-        from swintormer.datasets import PairedImageDataset, PairedPatchDataset
-
-        train_set = PairedPatchDataset(discover_training_pairs(train_split, config.data.layout, "training data"),
-                                       config.data.patch_size, augment=config.data.augment,
-                                       prior_source=source, seed=config.train.seed, repeat=config.data.repeat,
-                                       cache_images=config.data.cache_images)
-        validate = None
-        if val_split is not None:
-            val_set = PairedImageDataset(discover_training_pairs(val_split, config.data.layout, "validation data"),
-                                         prior_source=source, cache_images=True)
-            validate = make_validation(config, val_set)
+        train_set, val_set = build_datasets(config, train_split, val_split, source)
+        validate = make_validation(config, val_set) if val_set is not None else None
         torch.manual_seed(config.train.seed)  # same initial weights on every process
         model = build_model(config)
     except (ConfigError, MissingWeightsError, FileNotFoundError, ValueError) as exc:
