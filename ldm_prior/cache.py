@@ -14,7 +14,7 @@ own seed, the source image's SHA-256, its relative name and size.
 
 Every file is written atomically (temporary file in the same folder, then ``os.replace``), so a
 run killed at any moment leaves only complete entries; a rerun skips the entries that are valid
-and makes the rest. :class:`PriorCache` implements ``swintormer.priors.PriorSource`` and refuses,
+and makes the rest. :class:`PriorCache` implements ``swintormer.core.priors.PriorSource`` and refuses,
 with a one-line :class:`PriorCacheError`, an entry whose settings differ from the manifest (or
 from what the caller expects) or whose source hash differs from the image on disk.
 """
@@ -32,8 +32,8 @@ from typing import Iterable
 import numpy as np
 from safetensors import safe_open
 
-from swintormer.image_io import atomic_write_bytes
-from swintormer.priors import PriorMissingError
+from swintormer.core.files import atomic_write_bytes
+from swintormer.core.priors import PriorMissingError
 
 CACHE_FORMAT_VERSION = "1"
 MANIFEST_NAME = "manifest.json"
@@ -226,7 +226,7 @@ class PriorCacheWriter:
 
 
 class PriorCache:
-    """Reads a prior cache; implements ``swintormer.priors.PriorSource``.
+    """Reads a prior cache; implements ``swintormer.core.priors.PriorSource``.
 
     ``expected`` (optional) names settings the caller insists on, e.g. ``{"steps": "50",
     "mode": "full"}`` or ``{"prior_fingerprint": ...}``; a cache made otherwise is refused at

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel, VQModel
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from swintormer.core.files import atomic_folder
 
 PRIOR_CONFIG_FILE = "prior_config.json"
 
@@ -243,22 +243,11 @@ class PriorModel(torch.nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the diffusers layout (``unet/``, ``vqvae/``, ``scheduler/``) atomically: the
         folder is built beside the target and swapped in, so a crash never leaves half a model."""
-        target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
-        self.unet.save_pretrained(staging / "unet", safe_serialization=True)
-        self.vqvae.save_pretrained(staging / "vqvae", safe_serialization=True)
-        self.ddim_scheduler().save_pretrained(staging / "scheduler")
-        (staging / PRIOR_CONFIG_FILE).write_text(self.config.model_dump_json(indent=2))
-        retired = target.parent / f".{target.name}.old-{os.getpid()}"
-        if target.exists():
-            os.replace(target, retired)
-        os.replace(staging, target)
-        if retired.exists():
-            shutil.rmtree(retired)
+        with atomic_folder(directory) as staging:
+            self.unet.save_pretrained(staging / "unet", safe_serialization=True)
+            self.vqvae.save_pretrained(staging / "vqvae", safe_serialization=True)
+            self.ddim_scheduler().save_pretrained(staging / "scheduler")
+            (staging / PRIOR_CONFIG_FILE).write_text(self.config.model_dump_json(indent=2))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "PriorModel":

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ldm_prior.finetune import decoded_image, to_blurry_size, to_vq_latent, vq_latent
 from ldm_prior.model import PriorModel
+from swintormer.core.tiling import OverlapAccumulator, triangle_weights, window_starts
 
 ConditioningMode = Literal["full", "quarter"]
 CONDITIONING_MODES: tuple[str, ...] = ("full", "quarter")
@@ -120,25 +121,6 @@ def _pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.pad(image, (0, pad_w, 0, pad_h), mode=mode)
 
 
-def tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Start offsets of overlapping tiles covering ``length``; the last tile ends at the edge."""
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, stride))
-    starts.append(length - tile)
-    return starts
-
-
-def _ramp(length: int, device: torch.device) -> torch.Tensor:
-    # Triangular weights: positive everywhere, highest in the tile centre, so seams fade linearly.
-    index = torch.arange(length, device=device, dtype=torch.float32)
-    return torch.minimum(index + 1, length - index)
-
-
-def _blend_weight(height: int, width: int, device: torch.device) -> torch.Tensor:
-    return _ramp(height, device)[:, None] * _ramp(width, device)[None, :]
-
-
 def _tiled_apply(
     source: torch.Tensor,
     tile: int,
@@ -154,22 +136,19 @@ def _tiled_apply(
     _, _, height, width = source.shape
     tile_h = min(_round_up(tile, multiple), height)
     tile_w = min(_round_up(tile, multiple), width)
-    boxes = [(y, x) for y in tile_starts(height, tile_h, stride) for x in tile_starts(width, tile_w, stride)]
-    if len(boxes) == 1:
+    rows, cols = window_starts(height, tile_h, stride), window_starts(width, tile_w, stride)
+    if len(rows) * len(cols) == 1:
         return apply(source)
-    device = source.device
-    out = torch.zeros(1, out_channels, height * scale, width * scale, device=device, dtype=torch.float32)
-    weight_sum = torch.zeros(1, 1, height * scale, width * scale, device=device, dtype=torch.float32)
-    weight = _blend_weight(tile_h * scale, tile_w * scale, device)[None, None]
+    blended = OverlapAccumulator(height, width, rows, cols, triangle_weights(tile_h * scale),
+                                 triangle_weights(tile_w * scale), scale=scale, dtype=torch.float32,
+                                 device=source.device)
+    boxes = [(y, x) for y in rows for x in cols]
     for first in range(0, len(boxes), batch):
         group = boxes[first : first + batch]
         crops = torch.cat([source[:, :, y : y + tile_h, x : x + tile_w] for y, x in group])
-        results = apply(crops).float()
-        for (y, x), result in zip(group, results):
-            region = (slice(None), slice(None), slice(y * scale, (y + tile_h) * scale), slice(x * scale, (x + tile_w) * scale))
-            out[region] += result[None] * weight
-            weight_sum[region] += weight
-    return out / weight_sum
+        for (y, x), result in zip(group, apply(crops).float()):
+            blended.add(y, x, result)
+    return blended.result()[None]
 
 
 class PriorSampler:

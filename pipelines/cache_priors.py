@@ -83,14 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def collect_images(data: Path, layout: str) -> list[Path]:
     """The blurry images of the dataset, sorted by path."""
-    from swintormer.image_io import list_images
+    from swintormer.core.image_io import list_images
 
     if not data.is_dir():
         raise UserError(f"dataset folder not found: {data}")
     if layout == "images":
         images = list_images(data)
     else:
-        from swintormer.datasets import discover_pairs
+        from swintormer.core.data.paired import discover_pairs
 
         try:
             discovery = discover_pairs(data, layout=layout, check_sizes=False)
@@ -113,7 +113,7 @@ def _open_cache(args: argparse.Namespace, expected: dict[str, str] | None = None
 
 
 def _verify(args: argparse.Namespace, images: list[Path]) -> int:
-    from swintormer.datasets import image_size
+    from swintormer.core.data.paired import image_size
 
     expected = {"steps": str(args.steps), "eta": repr(float(args.eta)), "mode": args.mode,
                 "timestep_spacing": args.timestep_spacing, "seed": str(args.seed)}
@@ -140,8 +140,8 @@ def _export(args: argparse.Namespace, images: list[Path]) -> int:
     from tqdm.auto import tqdm
 
     from ldm_prior.cache import PriorCacheError
-    from swintormer.image_io import write_image
-    from swintormer.priors import PriorMissingError
+    from swintormer.core.image_io import write_image
+    from swintormer.core.priors import PriorMissingError
 
     by_stem: dict[str, Path] = {}
     for image in images:
@@ -172,7 +172,7 @@ def _build(args: argparse.Namespace, images: list[Path]) -> int:
     import torch
 
     from ldm_prior.sampling import SamplingSettings
-    from swintormer.distributed import process_state
+    from swintormer.core.distributed import process_state
 
     if args.prior is None:
         raise UserError("--prior is required to build a cache")
@@ -201,7 +201,7 @@ def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling) 
     from ldm_prior.cache import CacheSettings, PriorCacheError, PriorCacheWriter, file_sha256, prepare_cache, read_manifest, relative_name
     from ldm_prior.model import load_prior
     from ldm_prior.sampling import PriorSampler, image_seed
-    from swintormer.image_io import ImageReadError, read_image
+    from swintormer.core.image_io import ImageReadError, read_image
 
     try:
         model = load_prior(args.prior)

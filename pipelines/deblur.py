@@ -143,7 +143,7 @@ def plan_jobs(inputs: list[Path], output_dir: Path) -> Plan:
 
     Raises :class:`RunError` when the output folder is one of the input folders.
     """
-    from swintormer.image_io import IMAGE_EXTENSIONS, list_images
+    from swintormer.core.image_io import IMAGE_EXTENSIONS, list_images
 
     output_resolved = _resolved(output_dir)
     plan = Plan()
@@ -242,10 +242,10 @@ class _SampledPriors:
 
 
 class _FolderPriors:
-    """Priors stored as plain files (``--prior-folder``, :class:`swintormer.priors.PriorFolder`)."""
+    """Priors stored as plain files (``--prior-folder``, :class:`swintormer.core.priors.PriorFolder`)."""
 
     def __init__(self, folder: Path) -> None:
-        from swintormer.priors import PriorFolder
+        from swintormer.core.priors import PriorFolder
 
         try:
             self._folder = PriorFolder(folder)
@@ -299,12 +299,12 @@ def resolve_device(requested: str) -> tuple[torch.device, PartialState]:
     """The device to run on and this process's place among the launched processes.
 
     On a machine without an accelerator the processes must ask for the CPU to see each other
-    (see ``swintormer.distributed``); otherwise each would believe it is alone and do every image.
+    (see ``swintormer.core.distributed``); otherwise each would believe it is alone and do every image.
     """
     import torch
     from accelerate import PartialState
 
-    from swintormer.distributed import process_state
+    from swintormer.core.distributed import process_state
 
     if requested == "auto":
         state = process_state()
@@ -329,7 +329,7 @@ def _one_line(error: BaseException, source: Path) -> str:
 
 
 def deblur_one(job: Job, inferencer: SlidingWindowInferencer | WholeImageInferencer, prior_source: ImagePriors | None) -> None:
-    from swintormer.image_io import read_image, write_image
+    from swintormer.core.image_io import read_image, write_image
 
     loaded = read_image(job.source)
     pixels = loaded.pixels

@@ -4,7 +4,7 @@
     swintormer evaluate --restored OUT/ --target DPDD/test --report scores.json
 
 Restored and target files are matched by file stem. The metrics are those of
-:mod:`swintormer.metrics` (per image, then averaged over images). The report is JSON with a
+:mod:`swintormer.core.metrics` (per image, then averaged over images). The report is JSON with a
 ``per_image`` list, a ``mean`` object (``psnr``, ``ssim``, ``mae`` and ``lpips`` when it could be
 computed), optional ``groups`` (DPDD's indoor/outdoor split), and everything that went wrong.
 
@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from swintormer.image_io import ImageReadError, atomic_write_bytes, list_images, read_image
-from swintormer.metrics import PSNR_CAP_DB, LPIPSMetric, LPIPSWeightsMissing, mae, psnr, ssim
+from swintormer.core.files import atomic_write_bytes
+from swintormer.core.image_io import ImageReadError, list_images, read_image
+from swintormer.core.metrics import PSNR_CAP_DB, LPIPSMetric, LPIPSWeightsMissing, mae, psnr, ssim
 
 METRIC_NAMES = ("psnr", "ssim", "mae", "lpips")
 LABEL_FILES = {"indoor": "indoor_labels.npy", "outdoor": "outdoor_labels.npy"}

@@ -7,9 +7,9 @@ The VQ encoder and the UNet backbone stay frozen; the parameters matching ``trai
 (name patterns, default: the UNet decoder side for ``objective: noise``, the VQ decoder for
 ``objective: vq_decoder``) train. Their counts are printed at the start. The loop (EMA,
 atomic checkpoints, exact resume, progress bar, NaN guard, accelerate) is the shared engine
-``swintormer.training``; the maths is ``ldm_prior.finetune``.
+``swintormer.core.training``; the maths is ``ldm_prior.finetune``.
 
-``--data`` is a dataset root in any layout ``swintormer.datasets.discover_pairs`` knows; with
+``--data`` is a dataset root in any layout ``swintormer.core.data.paired.discover_pairs`` knows; with
 ``train/`` and ``test/`` (or ``val/``) sub-folders those are the splits. Validation reports the
 noise-prediction loss on fixed timesteps and noise (comparable across steps and runs) and, with
 ``validation.prior_psnr``, the PSNR of sampled priors and of the blurry inputs against the sharp
@@ -31,7 +31,7 @@ from pydantic import Field, ValidationError, model_validator
 from torch import nn
 
 from pipelines.training_setup import discover_training_pairs, load_run_config, resolve_splits
-from swintormer.config import ConfigError, StrictModel, TrainingConfig, add_run_arguments, save_config
+from swintormer.core.config import ConfigError, StrictModel, TrainingConfig, add_run_arguments, save_config
 
 
 
@@ -223,7 +223,7 @@ def make_validation(config: PriorTrainConfig, dataset):
     decoding), and optionally the PSNR of sampled priors and of the inputs."""
     from ldm_prior.finetune import noise_prediction_loss, pixel_residual_image, vq_autoencoder_reconstruction, vq_latent
     from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed
-    from swintormer.metrics import psnr
+    from swintormer.core.metrics import psnr
 
     settings = config.validation
     count = len(dataset) if settings.max_images is None else min(settings.max_images, len(dataset))
@@ -281,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from ldm_prior.finetune import UNET_DECODER_PATTERNS, VQ_DECODER_PATTERNS, check_patch_size, select_trainable
-    from swintormer.datasets import PairedImageDataset, PairedPatchDataset
-    from swintormer.training import TrainingTask, make_accelerator, train_and_report
+    from swintormer.core.data.paired import PairedImageDataset, PairedPatchDataset
+    from swintormer.core.training import TrainingTask, make_accelerator, train_and_report
 
     try:
         config, flags = load_run_config(PriorTrainConfig, build_parser(), argv)
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.print(f"latent scale set to {prior.config.latent_scale:.4f} (1/std of the diffusion targets of {count} training patches)")
         trainer = PriorTrainer(prior, config)
         if config.objective != "noise" and config.loss.lpips > 0:
-            from swintormer.metrics import LPIPSMetric
+            from swintormer.core.metrics import LPIPSMetric
 
             perceptual = LPIPSMetric(config.loss.lpips_alexnet_weights).model.requires_grad_(False)
             # Not a submodule: a fixed loss network is neither trained, averaged nor checkpointed.

@@ -5,9 +5,9 @@
 
 The same command runs on one CPU, one or many GPUs and many machines (accelerate decides the
 device and the process count). Orchestration only: the network is ``swintormer.models``, the
-losses ``swintormer.losses``, the loop ``swintormer.training``, the data ``swintormer.datasets``.
+losses ``swintormer.losses``, the loop ``swintormer.core.training``, the data ``swintormer.core.data.paired``.
 
-``--data`` is a dataset root in any layout ``swintormer.datasets.discover_pairs`` knows. When
+``--data`` is a dataset root in any layout ``swintormer.core.data.paired.discover_pairs`` knows. When
 it holds ``train/`` and ``test/`` (or ``val/``) sub-folders (the synthetic generator's output,
 DPDD), those are the training and validation splits; otherwise the root is the training split
 and ``data.val_root`` names the validation split. With a prior source (``data.prior``) the
@@ -32,8 +32,8 @@ import torch
 from pydantic import Field
 
 from pipelines.training_setup import discover_training_pairs, load_run_config, resolve_splits
-from swintormer.config import ConfigError, StrictModel, TrainingConfig, add_run_arguments, save_config
-from swintormer.degradations import DegradationConfig
+from swintormer.core.config import ConfigError, StrictModel, TrainingConfig, add_run_arguments, save_config
+from swintormer.core.data.degradations import DegradationConfig
 from swintormer.losses import LossConfig, MissingWeightsError, build_loss
 
 
@@ -65,7 +65,7 @@ class DataSection(StrictModel):
     repeat: int = Field(1, ge=1)  # visits of each pair per epoch (small datasets)
     cache_images: bool = False
     prior: PriorSection = Field(default_factory=PriorSection)
-    # Set: the splits hold sharp photos, degraded on the fly (swintormer.degradations); the
+    # Set: the splits hold sharp photos, degraded on the fly (swintormer.core.data.degradations); the
     # validation split becomes a fixed set of degraded centre crops of this side.
     degradation: DegradationConfig | None = None
     validation_crop: int = Field(256, gt=0)
@@ -98,7 +98,7 @@ class SwintormerTrainConfig(StrictModel):
 
 
 def prior_source(config: SwintormerTrainConfig):
-    """The one place stage two turns ``data.prior`` into a ``swintormer.priors.PriorSource``."""
+    """The one place stage two turns ``data.prior`` into a ``swintormer.core.priors.PriorSource``."""
     if config.model.in_channels == 3:
         return None
     prior = config.data.prior
@@ -108,7 +108,7 @@ def prior_source(config: SwintormerTrainConfig):
     if prior.path is None:
         raise ConfigError(f"data.prior.source is {prior.source!r} but data.prior.path is not set")
     if prior.source == "folder":
-        from swintormer.priors import PriorFolder
+        from swintormer.core.priors import PriorFolder
 
         return PriorFolder(prior.path, dataset_root=config.data.root)
     from ldm_prior.cache import PriorCache
@@ -123,7 +123,7 @@ def build_datasets(config: SwintormerTrainConfig, train_split: Path, val_split: 
         if source is not None:
             raise ConfigError("data.degradation makes its blurry inputs on the fly, which no prior cache or "
                               "folder can hold; use model.in_channels=3 with it")
-        from swintormer.degraded_datasets import DegradedImageDataset, DegradedPatchDataset, discover_photos
+        from swintormer.core.data.degraded import DegradedImageDataset, DegradedPatchDataset, discover_photos
 
         train_set = DegradedPatchDataset(discover_photos(train_split), data.patch_size, data.degradation,
                                          augment=data.augment, seed=config.train.seed, repeat=data.repeat,
@@ -133,7 +133,7 @@ def build_datasets(config: SwintormerTrainConfig, train_split: Path, val_split: 
             val_set = DegradedImageDataset(discover_photos(val_split), data.validation_crop, data.degradation,
                                            seed=config.train.seed)
         return train_set, val_set
-    from swintormer.datasets import PairedImageDataset, PairedPatchDataset
+    from swintormer.core.data.paired import PairedImageDataset, PairedPatchDataset
 
     train_set = PairedPatchDataset(discover_training_pairs(train_split, data.layout, "training data"),
                                    data.patch_size, augment=data.augment, prior_source=source,
@@ -158,7 +158,7 @@ def build_model(config: SwintormerTrainConfig):
 
 def make_validation(config: SwintormerTrainConfig, dataset):
     """Validation hook: mean PSNR/SSIM of the restored images and PSNR of the blurry inputs."""
-    from swintormer.metrics import psnr, ssim
+    from swintormer.core.metrics import psnr, ssim
 
     settings = config.validation
     count = len(dataset) if settings.max_images is None else min(settings.max_images, len(dataset))
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from swintormer.training import TrainingTask, make_accelerator, train_and_report
+    from swintormer.core.training import TrainingTask, make_accelerator, train_and_report
 
     try:
         config, flags = load_run_config(SwintormerTrainConfig, build_parser(), argv)

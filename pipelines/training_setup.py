@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
-from swintormer.config import ConfigError, load_config, run_flags_from_args
+from swintormer.core.config import ConfigError, load_config, run_flags_from_args
 
 VAL_SPLIT_NAMES = ("test", "val", "validation")
 Config = TypeVar("Config")
@@ -47,7 +47,7 @@ def resolve_splits(root: Path | None, val_root: Path | None) -> tuple[Path, Path
 
 def discover_training_pairs(split: Path, layout: str, what: str) -> list:
     """The image pairs of a split; unmatched files are reported as a warning, none at all is an error."""
-    from swintormer.datasets import discover_pairs
+    from swintormer.core.data.paired import discover_pairs
 
     try:
         found = discover_pairs(split, layout)

@@ -43,39 +43,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from swintormer.padding import reflect_pad
+from swintormer.core.padding import reflect_pad
+from swintormer.core.tiling import OverlapAccumulator, feather_weights, uniform_weights, window_grid, window_starts
 
 BlendMode = Literal["average", "feather"]
 Precision = Literal["fp32", "bf16"]
 BLEND_MODES: tuple[str, ...] = ("average", "feather")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
-
-# Rows of the accumulator normalised and converted per step at the end, so that the float64
-# temporaries of the final division stay small next to the image.
-_FINALISE_ROWS = 64
-
-
-def window_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Start offsets of the windows along one axis of ``length`` pixels.
-
-    ``0, stride, 2·stride, ...`` while a window fits, then one window flush with the far border;
-    a single window at 0 when the axis is not longer than a window.
-    """
-    if length <= tile:
-        return [0]
-    last = length - tile
-    starts = list(range(0, last, stride))
-    starts.append(last)
-    return starts
-
-
-def feather_weights(tile: int, stride: int) -> np.ndarray:
-    """The 1-D feathered weight of a window of ``tile`` pixels (see the module docstring)."""
-    index = np.arange(tile)
-    distance_to_edge = np.minimum(index, tile - 1 - index)
-    ramp = tile - stride + 1
-    return np.minimum(1.0, (distance_to_edge + 1) / ramp)
-
 
 class _Inferencer:
     """What both inferencers share: the precision and device set-up, and a call that takes a
@@ -148,19 +122,14 @@ class SlidingWindowInferencer(_Inferencer):
         self.blend = blend
         self.progress = progress
         self.progress_description = progress_description
-        if blend == "feather":
-            self._window_weight_1d = torch.from_numpy(feather_weights(tile, stride))
-        else:
-            self._window_weight_1d = torch.ones(tile, dtype=torch.float64)
+        self._window_weight_1d = feather_weights(tile, stride) if blend == "feather" else uniform_weights(tile)
 
     def window_grid(self, height: int, width: int) -> list[tuple[int, int]]:
         """The ``(top, left)`` corner of every window for an image of ``height``×``width``."""
-        rows = window_starts(height, self.tile, self.stride)
-        cols = window_starts(width, self.tile, self.stride)
-        return [(top, left) for top in rows for left in cols]
+        return window_grid(height, width, self.tile, self.tile, self.stride)
 
     def _restore(self, image: torch.Tensor, channels_last: bool) -> torch.Tensor | np.ndarray:
-        return self._finalise(self._accumulate(image), image.shape[1], image.shape[2], channels_last)
+        return self._accumulate(image).result(channels_last=channels_last)
 
     def _batches(self, image: torch.Tensor) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
         """Window corners and the matching ``N×C×tile×tile`` float32 batch, ``batch_size`` at a time."""
@@ -185,57 +154,23 @@ class SlidingWindowInferencer(_Inferencer):
             )
         return output
 
-    def _accumulate(self, image: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of all window outputs, a float64 ``C_out×H×W`` CPU tensor."""
+    def _accumulate(self, image: torch.Tensor) -> OverlapAccumulator:
+        """All window outputs blended into a float64 CPU accumulator."""
         _, height, width = image.shape
+        accumulator = OverlapAccumulator(height, width, window_starts(height, self.tile, self.stride),
+                                         window_starts(width, self.tile, self.stride),
+                                         self._window_weight_1d, self._window_weight_1d)
         valid_rows, valid_cols = min(height, self.tile), min(width, self.tile)
-        window_weight = torch.outer(self._window_weight_1d, self._window_weight_1d)
-        window_weight = window_weight[:valid_rows, :valid_cols]
-        accumulator: torch.Tensor | None = None
         total = len(self.window_grid(height, width))
         with tqdm(
             total=total, desc=self.progress_description, unit="win", disable=not self.progress, leave=False
         ) as bar:
             for corners, batch in self._batches(image):
-                outputs = self._run_model(batch)
-                if accumulator is None:
-                    accumulator = torch.zeros((outputs.shape[1], height, width), dtype=torch.float64)
-                outputs = outputs[:, :, :valid_rows, :valid_cols]
-                if self.blend == "feather":
-                    outputs = outputs * window_weight
+                outputs = self._run_model(batch)[:, :, :valid_rows, :valid_cols]
                 for (top, left), output in zip(corners, outputs):
-                    accumulator[:, top : top + valid_rows, left : left + valid_cols] += output
+                    accumulator.add(top, left, output)
                 bar.update(len(corners))
-        assert accumulator is not None  # the grid always holds at least one window
         return accumulator
-
-    def _axis_weight_sum(self, length: int) -> torch.Tensor:
-        """Total window weight along one axis; the weight image is its outer product over rows × columns."""
-        valid = min(length, self.tile)
-        total = torch.zeros(length, dtype=torch.float64)
-        for start in window_starts(length, self.tile, self.stride):
-            total[start : start + valid] += self._window_weight_1d[:valid]
-        return total
-
-    def _finalise(
-        self, accumulator: torch.Tensor, height: int, width: int, channels_last: bool
-    ) -> torch.Tensor | np.ndarray:
-        row_weight = self._axis_weight_sum(height)
-        col_weight = self._axis_weight_sum(width)
-        channels = accumulator.shape[0]
-        if channels_last:
-            output: np.ndarray | torch.Tensor = np.empty((height, width, channels), dtype=np.float32)
-        else:
-            output = torch.empty((channels, height, width), dtype=torch.float32)
-        for top in range(0, height, _FINALISE_ROWS):
-            rows = slice(top, top + _FINALISE_ROWS)
-            weight = torch.outer(row_weight[rows], col_weight)
-            block = (accumulator[:, rows] / weight).to(torch.float32)
-            if channels_last:
-                output[rows] = block.permute(1, 2, 0).numpy()
-            else:
-                output[:, rows] = block
-        return output
 
 
 class WholeImageInferencer(_Inferencer):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from swintormer.config import StrictModel
+from swintormer.core.config import StrictModel
 from swintormer.mae import MAEEncoder, MAEEncoderConfig, MissingWeightsError, load_mae_encoder
 
 __all__ = [

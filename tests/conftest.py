@@ -42,7 +42,7 @@ def accelerate_launch():
 
     accelerate 1.x starts several CPU processes only through ``--multi_gpu`` (``--cpu
     --num_processes 2`` starts one); the pipelines then ask for the CPU themselves
-    (``swintormer.distributed``). ``--multi_gpu`` refuses a single process, so n = 1 uses
+    (``swintormer.core.distributed``). ``--multi_gpu`` refuses a single process, so n = 1 uses
     ``torch.distributed.run``, the launcher that ``--multi_gpu`` itself calls: one process inside
     a process group, as each of n is. A free port keeps parallel test workers apart.
     """

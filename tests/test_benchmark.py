@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import yaml
 
-from swintormer.image_io import read_image
-from swintormer.metrics import psnr
+from swintormer.core.image_io import read_image
+from swintormer.core.metrics import psnr
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROWS = {"mixed_prior", "no_prior", "window", "channel", "prior_T2", "loss_vgg", "loss_mae_local",

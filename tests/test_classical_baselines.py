@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 from pipelines.evaluate import main as evaluate_main
-from swintormer.synthetic_blur import blur_image, disc_kernel
+from swintormer.core.data.synthetic_blur import blur_image, disc_kernel
 from tools.classical_baselines import main as baselines_main, wiener_deconvolve
 from tools.make_synthetic_blur import main as make_main
 

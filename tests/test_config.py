@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from swintormer.config import ConfigError, TrainingConfig, apply_overrides, load_config, save_config
+from swintormer.core.config import ConfigError, TrainingConfig, apply_overrides, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from swintormer.datasets import (
+from swintormer.core.data.paired import (
     RESTORMER_PROGRESSIVE,
     ImagePair,
     PairedImageDataset,
@@ -19,8 +19,8 @@ from swintormer.datasets import (
     detect_layout,
     discover_pairs,
 )
-from swintormer.image_io import write_image
-from swintormer.priors import PriorFolder, PriorMissingError, PriorSource, save_prior_safetensors
+from swintormer.core.image_io import write_image
+from swintormer.core.priors import PriorFolder, PriorMissingError, PriorSource, save_prior_safetensors
 
 
 def _img(path: Path, h=8, w=10, value=0.5, bit_depth=8):

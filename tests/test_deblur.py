@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipelines import deblur
-from swintormer.image_io import quantize, read_image, write_image
+from swintormer.core.image_io import quantize, read_image, write_image
 from swintormer.inference import SlidingWindowInferencer
 from swintormer.models import Swintormer, SwintormerConfig
 
@@ -181,7 +181,7 @@ def test_a_folder_that_is_not_a_prior_cache_is_refused(
 
 
 def test_priors_from_a_prior_folder(prior_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from swintormer.priors import save_prior_safetensors
+    from swintormer.core.priors import save_prior_safetensors
 
     source = tmp_path / "in" / "view.png"
     write_image(source, random_pixels(30, 140, 25))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from swintormer.degradations import (
+from swintormer.core.data.degradations import (
     BlurShares,
     DegradationConfig,
     degrade_crop,
@@ -16,8 +16,8 @@ from swintormer.degradations import (
     sample_degradation,
     srgb_to_linear,
 )
-from swintormer.degraded_datasets import DegradedImageDataset, DegradedPatchDataset
-from swintormer.image_io import write_image
+from swintormer.core.data.degraded import DegradedImageDataset, DegradedPatchDataset
+from swintormer.core.image_io import write_image
 
 
 def _photo(seed: int, height: int = 96, width: int = 128) -> np.ndarray:

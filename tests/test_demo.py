@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from swintormer.image_io import read_image
-from swintormer.metrics import psnr
+from swintormer.core.image_io import read_image
+from swintormer.core.metrics import psnr
 from tools import demo
 
 # The shipped model gains 3.10 dB on this sample (TRAINING.md); a model that merely copied

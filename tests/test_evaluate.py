@@ -12,8 +12,8 @@ import torch
 
 from pipelines import cli
 from pipelines.evaluate import main
-from swintormer.image_io import read_image, write_image
-from swintormer.metrics import mae, psnr, ssim
+from swintormer.core.image_io import read_image, write_image
+from swintormer.core.metrics import mae, psnr, ssim
 
 
 @pytest.fixture

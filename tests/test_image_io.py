@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from swintormer.image_io import (
+from swintormer.core.image_io import (
     IMAGE_EXTENSIONS,
     ImageReadError,
     encode_png,

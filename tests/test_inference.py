@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from swintormer.inference import SlidingWindowInferencer, WholeImageInferencer, feather_weights, window_starts
+from swintormer.core.tiling import feather_weights, window_starts
+from swintormer.inference import SlidingWindowInferencer, WholeImageInferencer
 from swintormer.models import Swintormer, SwintormerConfig
-from swintormer.padding import reflect_pad
+from swintormer.core.padding import reflect_pad
 
 
 class FirstThreeChannels(nn.Module):

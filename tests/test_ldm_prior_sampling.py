@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ldm_prior.finetune import clean_latent_estimate, decoded_image, vq_latent
 from ldm_prior.model import PriorModel
-from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed, tile_starts
+from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed
 
 UNTILED = {"tile": 4096, "decode_tile": 4096}
 
@@ -47,12 +47,6 @@ def test_prior_depends_on_the_condition(tiny: PriorModel) -> None:
     sampler = PriorSampler(tiny, SamplingSettings(steps=3, mode="quarter"))
     image = _photo(32, 32)
     assert not np.array_equal(sampler.sample(image, seed=1), sampler.sample(1.0 - image, seed=1))
-
-
-def test_tile_starts_cover_every_position_with_overlap() -> None:
-    assert tile_starts(10, 16, 8) == [0]
-    starts = tile_starts(100, 32, 24)
-    assert starts[0] == 0 and starts[-1] == 68 and all(b - a <= 24 for a, b in zip(starts, starts[1:]))
 
 
 def test_tiled_denoising_matches_untiled_up_to_the_blend(tiny: PriorModel) -> None:

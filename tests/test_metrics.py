@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import uniform_filter
 
-from swintormer.image_io import read_image, write_image
-from swintormer.metrics import PSNR_CAP_DB, LPIPSMetric, LPIPSWeightsMissing, mae, psnr, ssim
+from swintormer.core.image_io import read_image, write_image
+from swintormer.core.metrics import PSNR_CAP_DB, LPIPSMetric, LPIPSWeightsMissing, mae, psnr, ssim
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from ldm_prior.cache import PriorCache, PriorCacheError, encode_entry, read_entr
 from ldm_prior.model import PriorModel
 from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed
 from pipelines.cache_priors import main as cache_priors
-from swintormer.datasets import PairedImageDataset, discover_pairs
-from swintormer.image_io import read_image, write_image
-from swintormer.priors import PriorMissingError, PriorSource
+from swintormer.core.data.paired import PairedImageDataset, discover_pairs
+from swintormer.core.image_io import read_image, write_image
+from swintormer.core.priors import PriorMissingError, PriorSource
 
 SIZES = [(23, 31), (18, 40), (33, 20)]
 ARGS = ["--steps", "2", "--mode", "quarter", "--seed", "9"]

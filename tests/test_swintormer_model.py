@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from swintormer.models import Swintormer, SwintormerConfig
 from swintormer.models.swintormer import l2_norms, softmax_plus_one, window_group_pieces, window_partition, window_piece
-from swintormer.padding import pad_to_multiple, reflect_pad
+from swintormer.core.padding import pad_to_multiple, reflect_pad
 
 
 @pytest.fixture(scope="module")

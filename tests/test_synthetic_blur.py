@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from swintormer.image_io import read_image, write_image
-from swintormer.synthetic_blur import blur_image, disc_kernel, load_kernel, motion_kernel
+from swintormer.core.image_io import read_image, write_image
+from swintormer.core.data.synthetic_blur import blur_image, disc_kernel, load_kernel, motion_kernel
 from tools.make_synthetic_blur import SKIMAGE_PHOTOS, main as make_main
 
 

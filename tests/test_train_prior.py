@@ -27,7 +27,7 @@ from ldm_prior.finetune import (
 from ldm_prior.model import PriorConfig, PriorModel
 from pipelines.train_prior import PriorTrainConfig, PriorTrainer
 from pipelines.train_prior import main as train_prior
-from swintormer.config import ConfigError
+from swintormer.core.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -270,7 +270,7 @@ def test_full_mode_autoencoder_goes_up_four_times_and_back_like_a_prior() -> Non
 
 @pytest.fixture(scope="module")
 def synthetic_data(tmp_path_factory) -> Path:
-    from swintormer.image_io import write_image
+    from swintormer.core.image_io import write_image
 
     root = tmp_path_factory.mktemp("prior_data")
     rng = np.random.default_rng(0)
@@ -324,7 +324,7 @@ def test_pipeline_refuses_bad_configuration(synthetic_data, tmp_path, capsys) ->
 def test_every_shipped_prior_config_validates(path: Path) -> None:
     import yaml
 
-    from swintormer.config import load_config
+    from swintormer.core.config import load_config
 
     config = load_config(PriorTrainConfig, path, [])
     raw = yaml.safe_load(path.read_text())
@@ -335,7 +335,7 @@ def test_every_shipped_prior_config_validates(path: Path) -> None:
 def test_validation_scores_a_pixel_residual_prior_by_what_a_perfect_residual_gives() -> None:
     """vq_psnr of a pixel-residual prior: B + dec(z_S) − dec(z_B) against S, not dec(z_S)."""
     from pipelines.train_prior import make_validation
-    from swintormer.metrics import psnr
+    from swintormer.core.metrics import psnr
 
     residual = _residual(PriorModel.from_config("tiny", seed=0)).eval()
     pixel = PriorModel(residual.config.model_copy(update={"pixel_residual": True}), unet=residual.unet, vqvae=residual.vqvae)

@@ -68,8 +68,8 @@ def test_pipeline_resume_is_exact(synthetic, tmp_path):
 
 
 def test_prior_from_files_trains_six_channel_model(synthetic, tmp_path):
-    from swintormer.image_io import read_image
-    from swintormer.priors import save_prior_safetensors
+    from swintormer.core.image_io import read_image
+    from swintormer.core.priors import save_prior_safetensors
 
     priors = tmp_path / "priors"
     for blurry in sorted(synthetic.glob("*/inputC/*.png")):  # a stand-in prior: the sharp image, darkened

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from swintormer.config import SchedulerConfig, TrainingConfig
-from swintormer.training import (
+from swintormer.core.config import SchedulerConfig, TrainingConfig
+from swintormer.core.training import (
     EpochShardSampler,
     ExponentialMovingAverage,
     NonFiniteLossError,

@@ -244,7 +244,7 @@ def _now() -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from swintormer.image_io import atomic_write_bytes
+    from swintormer.core.files import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
@@ -472,7 +472,7 @@ def run_references(bench: Bench, profile: Profile, caches: dict[int, dict[str, P
 
 def prior_sampling_cost(bench: Bench, profile: Profile, splits: dict[str, Path]) -> list[dict[str, float]]:
     """Seconds per megapixel of the cache job (sampling + decode + writing) on the test images, per T."""
-    from swintormer.image_io import read_image
+    from swintormer.core.image_io import read_image
 
     megapixels = 0.0
     for test_set in TEST_SETS:
@@ -524,7 +524,7 @@ def _write_speed_inputs(model_dir: Path, images: Path, sizes: tuple[tuple[int, i
     import numpy as np
     import torch
 
-    from swintormer.image_io import read_image, write_image
+    from swintormer.core.image_io import read_image, write_image
     from swintormer.models import Swintormer, SwintormerConfig
 
     torch.manual_seed(0)
@@ -845,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(work, args.threads, quiet=args.quiet)
     started, wall = _now(), time.perf_counter()
     rate_start = matmul_gflops()
-    from swintormer.config import load_config
+    from swintormer.core.config import load_config
     from pipelines.train_swintormer import SwintormerTrainConfig
 
     config = load_config(SwintormerTrainConfig, REPO_ROOT / profile.swintormer_config, [])
@@ -883,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
                  "defocus_images": count_images(splits["defocus"]), "motion_images": count_images(splits["motion"]),
                  "test_photos": photos_of(splits["defocus"])},
     }
-    from swintormer.image_io import atomic_write_bytes
+    from swintormer.core.files import atomic_write_bytes
 
     _write_json(json_path, results)
     atomic_write_bytes(markdown, render_markdown(results).encode())

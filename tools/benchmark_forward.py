@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from swintormer.image_io import atomic_write_bytes
+from swintormer.core.files import atomic_write_bytes
 
 
 def matmul_gflops(size: int = 2048, runs: int = 10, device: str = "cpu") -> float:

@@ -7,7 +7,7 @@
    and kills again (``--kills`` kills in all), then lets a final rerun finish.
 3. With ``--processes N`` (N > 1) also builds a third cache with
    ``accelerate launch --multi_gpu --num_processes N -m pipelines.cache_priors`` (how accelerate
-   starts several CPU processes; see ``swintormer/distributed.py``), checks that N processes
+   starts several CPU processes; see ``swintormer/core/distributed.py``), checks that N processes
    really took part, and compares it byte for byte with one launched process; the difference
    from the plain run is reported (a process group may round CPU kernels' last bits otherwise).
 4. Compares every cache with the reference entry by entry, byte for byte (and the manifests).
@@ -45,8 +45,8 @@ def make_dataset(root: Path, count: int) -> None:
     import numpy as np
     from skimage import data
 
-    from swintormer.image_io import write_image
-    from swintormer.synthetic_blur import blur_image, disc_kernel
+    from swintormer.core.image_io import write_image
+    from swintormer.core.data.synthetic_blur import blur_image, disc_kernel
 
     photos = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "colorwheel"]
     for index in range(count):

@@ -39,8 +39,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from swintormer.image_io import ImageReadError, atomic_write_bytes, list_images, read_image, write_image  # noqa: E402
-from swintormer.synthetic_blur import load_kernel  # noqa: E402
+from swintormer.core.files import atomic_write_bytes  # noqa: E402
+from swintormer.core.image_io import ImageReadError, list_images, read_image, write_image  # noqa: E402
+from swintormer.core.data.synthetic_blur import load_kernel  # noqa: E402
 
 METHODS = ("wiener", "richardson_lucy")
 WIENER_NSR_FLOOR = 0.001

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from swintormer.image_io import atomic_write_bytes
+from swintormer.core.files import atomic_write_bytes
 from swintormer.models import Swintormer, SwintormerConfig
 from swintormer.models.complexity import count_macs
 from swintormer.models.swintormer import CONFIG_NAME, load_config_file

@@ -41,8 +41,8 @@ class DemoError(Exception):
 def run_demo(output_dir: Path, model_dir: Path = DEFAULT_MODEL_DIR, progress: bool = True) -> DemoResult:
     """Deblur the blurry sample into ``output_dir`` with the deblur pipeline and score it."""
     from pipelines.deblur import main as deblur_main
-    from swintormer.image_io import read_image
-    from swintormer.metrics import psnr
+    from swintormer.core.image_io import read_image
+    from swintormer.core.metrics import psnr
 
     for sample in (BLURRY_SAMPLE, SHARP_SAMPLE):
         if not sample.is_file():

@@ -31,8 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -57,7 +55,8 @@ from swintormer.models.layers import (
     uses_packed_weights,
 )
 from swintormer.models.sparse_gated import FrequencyGatedFeedForward, TopKChannelAttention
-from swintormer.padding import pad_to_multiple
+from swintormer.core.files import atomic_folder
+from swintormer.core.padding import pad_to_multiple
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -772,23 +771,11 @@ class Swintormer(nn.Module):
         a reader never sees a half-written model, and an interrupted save leaves the old one.
         """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_folder(directory) as staging:
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, staging / WEIGHTS_NAME, metadata={"format": "pt", "model": "swintormer"})
             config = {"model_type": "swintormer", **self.config.to_dict()}
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                os.replace(directory, old)
-                os.replace(staging, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, directory)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
         return directory
 
     @classmethod

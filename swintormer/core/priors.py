@@ -14,7 +14,7 @@ A prior is a float32 H×W×3 RGB array in [0, 1] with exactly the blurry image's
 ``<folder>/<relative>/<stem>.<prior ext>`` when ``dataset_root`` is given (so GoPro scenes, whose
 frame names repeat, stay apart), else ``<folder>/<stem>.<prior ext>``. Accepted prior files, in
 the order looked for: ``.safetensors`` (one tensor named ``"prior"``, float H×W×3 in [0, 1]),
-``.png``, ``.tif``, ``.tiff`` (8 or 16 bit, read with :func:`swintormer.image_io.read_image`).
+``.png``, ``.tif``, ``.tiff`` (8 or 16 bit, read with :func:`swintormer.core.image_io.read_image`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from swintormer.image_io import atomic_write_bytes, read_image
+from swintormer.core.files import atomic_write_bytes
+from swintormer.core.image_io import read_image
 
 PRIOR_FILE_EXTENSIONS = (".safetensors", ".png", ".tif", ".tiff")
 SAFETENSORS_PRIOR_KEY = "prior"

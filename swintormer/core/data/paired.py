@@ -80,8 +80,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from swintormer.image_io import IMAGE_EXTENSIONS, ImageReadError, list_images, read_image
-from swintormer.priors import PriorSource
+from swintormer.core.image_io import IMAGE_EXTENSIONS, ImageReadError, list_images, read_image
+from swintormer.core.priors import PriorSource
 
 LAYOUTS = ("auto", "dpdd", "gopro", "hide", "folder")
 BLURRY_FOLDER_NAMES = ("input", "inputs", "blur", "blurry", "inputC")

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from swintormer.core.files import atomic_write_text
 
 __all__ = [
     "ConfigError",
@@ -244,23 +245,7 @@ def save_config(config: BaseModel, path: str | os.PathLike[str]) -> None:
     """Write the resolved config as YAML, atomically (temporary file, then ``os.replace``)."""
     data = config.model_dump(mode="json")
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
-    write_text_atomic(Path(path), text)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    atomic_write_text(path, text)
 
 
 def _describe_validation_error(exc: ValidationError) -> str:

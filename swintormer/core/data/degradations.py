@@ -39,8 +39,8 @@ import cv2
 import numpy as np
 from pydantic import Field, model_validator
 
-from swintormer.config import StrictModel
-from swintormer.synthetic_blur import blur_image, disc_kernel, motion_kernel
+from swintormer.core.config import StrictModel
+from swintormer.core.data.synthetic_blur import blur_image, disc_kernel, motion_kernel
 
 BlurKind = Literal["sharp", "defocus_uniform", "defocus_varying", "motion", "defocus_motion"]
 BLUR_KINDS: tuple[str, ...] = ("sharp", "defocus_uniform", "defocus_varying", "motion", "defocus_motion")

@@ -48,7 +48,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -65,8 +64,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from swintormer import distributed
-from swintormer.config import ConfigError, SchedulerConfig, TrainingConfig, write_text_atomic
+from swintormer.core import distributed
+from swintormer.core.config import ConfigError, SchedulerConfig, TrainingConfig
+from swintormer.core.files import atomic_folder, atomic_write_text, remove_stale_temporaries
 
 __all__ = [
     "LossStep",
@@ -306,7 +306,7 @@ def lr_factor_fn(config: SchedulerConfig, max_steps: int, base_lr: float) -> Cal
 
 def make_accelerator(config: TrainingConfig, **kwargs: Any) -> Accelerator:
     """The run's Accelerator; device, process count and precision come from the launcher + config
-    (see ``swintormer.distributed`` for machines without an accelerator)."""
+    (see ``swintormer.core.distributed`` for machines without an accelerator)."""
     return distributed.make_accelerator(mixed_precision=config.mixed_precision, **kwargs)
 
 
@@ -440,11 +440,8 @@ class _Engine:
         folder = self.output_dir / CHECKPOINT_DIR / f"{CHECKPOINT_PREFIX}{self.step:08d}"
         if acc.is_main_process:
             folder.parent.mkdir(parents=True, exist_ok=True)
-            for stale in folder.parent.glob(f".{CHECKPOINT_PREFIX}*"):  # left by a killed run (one writer)
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-            tmp.chmod(0o755)
-            try:
+            remove_stale_temporaries(folder.parent)  # left by a killed run (one writer)
+            with atomic_folder(folder) as tmp:
                 save_model(self.unwrapped, str(tmp / "model.safetensors"))
                 if self.ema is not None:
                     save_file({k: v.contiguous().cpu() for k, v in self.ema.state_dict().items()},
@@ -462,19 +459,6 @@ class _Engine:
                          "grad_accum_steps": self.config.grad_accum_steps, "seed": self.config.seed,
                          "rng": {str(rank): small for rank, small, _ in all_rng}}
                 _write_json(tmp / STATE_FILE, state)  # last: its presence marks a complete checkpoint
-                for entry in tmp.iterdir():
-                    _fsync_file(entry)
-                if folder.exists():  # re-saving a step (e.g. resumed at the end): swap, then delete
-                    trash = folder.with_name(f".{folder.name}.old")
-                    shutil.rmtree(trash, ignore_errors=True)
-                    os.replace(folder, trash)
-                    os.replace(tmp, folder)
-                    shutil.rmtree(trash, ignore_errors=True)
-                else:
-                    os.replace(tmp, folder)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             self._prune_checkpoints()
         acc.wait_for_everyone()
         self.last_checkpoint = folder
@@ -636,7 +620,7 @@ def run_training(task: TrainingTask, config: TrainingConfig, output_dir: str | o
 
     ``resume`` is ``"latest"`` (newest checkpoint in ``output_dir``; a fresh start when there
     is none) or a checkpoint folder. Raises :class:`NonFiniteLossError` on NaN/inf (no
-    checkpoint is written for the bad step) and :class:`~swintormer.config.ConfigError` for
+    checkpoint is written for the bad step) and :class:`~swintormer.core.config.ConfigError` for
     unusable settings.
     """
     accelerator = accelerator or make_accelerator(config)
@@ -691,11 +675,6 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
         raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} has no activation checkpointing switch")
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
 class _RunLogger:
     """JSON lines in ``logs/metrics.jsonl`` and TensorBoard scalars, main process only."""
 
@@ -730,4 +709,4 @@ class _RunLogger:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Small JSON state written atomically (used by pipelines for run metadata)."""
-    write_text_atomic(Path(path), json.dumps(data, indent=1))
+    atomic_write_text(path, json.dumps(data, indent=1))

@@ -167,7 +167,7 @@ def save_kernel(path, kernel: np.ndarray) -> None:
     """Write a kernel as ``.safetensors`` (one float64 tensor named ``"kernel"``), atomically."""
     from safetensors.numpy import save
 
-    from swintormer.image_io import atomic_write_bytes
+    from swintormer.core.files import atomic_write_bytes
 
     atomic_write_bytes(path, save({KERNEL_TENSOR_NAME: np.ascontiguousarray(kernel, dtype=np.float64)}))
 

@@ -1,9 +1,9 @@
-"""Datasets of sharp photos degraded on the fly (:mod:`swintormer.degradations`).
+"""Datasets of sharp photos degraded on the fly (:mod:`swintormer.core.data.degradations`).
 
 :class:`DegradedPatchDataset` serves training patches: item ``index`` of epoch ``epoch`` reads
 photo ``index % len(photos)``, crops it at a random position and scale, applies one of the 8
 symmetries of the square, and draws a fresh degradation, every random choice from
-``numpy.random.default_rng([seed, epoch, index])``, as :class:`swintormer.datasets.PairedPatchDataset`
+``numpy.random.default_rng([seed, epoch, index])``, as :class:`swintormer.core.data.paired.PairedPatchDataset`
 does for fixed pairs: the data depend on (seed, epoch, index) only, so a resumed run sees exactly
 what it would have seen, and processes of a distributed run see different samples.
 
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from swintormer.datasets import apply_symmetry
-from swintormer.degradations import DegradationConfig, degrade_crop
-from swintormer.image_io import list_images, read_image
+from swintormer.core.data.paired import apply_symmetry
+from swintormer.core.data.degradations import DegradationConfig, degrade_crop
+from swintormer.core.image_io import list_images, read_image
 
 VALIDATION_STREAM = 1_000_003  # a seed-sequence word no epoch reaches in practice
 
