@@ -30,7 +30,7 @@ wallpaper at several resolutions. The list also records every image that was loo
 out, with the reason.
 
 Processing: decode to RGB (EXIF orientation applied, alpha dropped, grayscale replicated; see
-:mod:`swintormer.image_io`), downscale by ``factor = max(2, longer side / --max-side)`` with area
+:mod:`swintormer.core.image_io`), downscale by ``factor = max(2, longer side / --max-side)`` with area
 averaging (``cv2.INTER_AREA`` on float32), round to 8 bits. The factor is at least 2 even for
 small photos, so that JPEG blocks, demosaicing and sensor noise of the originals are averaged
 below a pixel and the outputs can serve as sharp targets.
@@ -71,10 +71,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from swintormer.image_io import (  # noqa: E402
+from swintormer.core.files import atomic_write_bytes  # noqa: E402
+from swintormer.core.image_io import (  # noqa: E402
     IMAGE_EXTENSIONS,
     ImageReadError,
-    atomic_write_bytes,
     encode_png,
     quantize,
     read_image,
