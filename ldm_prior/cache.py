@@ -266,8 +266,9 @@ class PriorCache:
     def entry_for(self, blurry_path: str | os.PathLike[str]) -> Path:
         return entry_path(self.cache_root, relative_name(blurry_path, self.data_root))
 
-    def prior_for(self, blurry_path: Path) -> np.ndarray:
-        """The cached prior of ``blurry_path``: float32 H x W x 3 in [0, 1]."""
+    def prior_for(self, blurry_path: Path, blurry: np.ndarray | None = None) -> np.ndarray:
+        """The cached prior of ``blurry_path``: float32 H x W x 3 in [0, 1] (``blurry``, the
+        decoded image, is not needed: entries are found by path)."""
         blurry_path = Path(blurry_path)
         path = self.entry_for(blurry_path)
         if not path.is_file():

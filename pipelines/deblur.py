@@ -1,8 +1,10 @@
-"""``swintormer deblur INPUT... --output DIR``: deblur image files and folders (issue 6).
+"""``swintormer deblur INPUT... --output DIR``: deblur image files and folders.
 
-Every image is run through :class:`swintormer.inference.SlidingWindowInferencer` at the training
-size (``--tile``/``--stride``), so any image size works in bounded memory (``--whole`` runs each
-image in one pass instead, for comparison: the paper's inference ablation). A 6-channel model
+A command-line face of :class:`swintormer.pipeline.DeblurPipeline`: every image is run on
+overlapping windows at the training size (``--tile``/``--stride``; by default the size the model
+was trained at when its folder records it), so any image size works in bounded memory
+(``--whole`` runs each image in one pass instead, for comparison: the paper's inference
+ablation). A 6-channel model
 also needs the prior of every image: read from a prior cache (``--prior-cache``, written by
 ``swintormer cache-priors``), sampled now with the stage-one model (``--prior-model``), or read
 from plain prior files (``--prior-folder``); a 3-channel (no-prior) model needs none.
@@ -30,9 +32,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from pipelines.cli import positive_int
 
@@ -40,13 +40,14 @@ if TYPE_CHECKING:
     import torch
     from accelerate import PartialState
 
-    from swintormer.inference import SlidingWindowInferencer, WholeImageInferencer
-    from swintormer.models import Swintormer
+    from swintormer.core.priors import PriorSource
+    from swintormer.pipeline import DeblurPipeline
 
 # torch, accelerate and the models are imported inside the functions that need them, so that
 # ``--help`` and option errors answer at once.
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "swintormer" / "weights" / "default"
+DEFAULT_TILE = 256
 
 
 class RunError(Exception):
@@ -90,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, metavar="DIR",
                         help="model folder with config.json and model.safetensors (default: the shipped "
                         "model, %(default)s)")
-    parser.add_argument("--tile", type=positive_int, default=256,
-                        help="window size in pixels; use the training patch size (default: %(default)s)")
+    parser.add_argument("--tile", type=positive_int, default=None,
+                        help="window size in pixels; best at the training patch size (default: the size the "
+                        f"model folder records it was trained at, else {DEFAULT_TILE})")
     parser.add_argument("--stride", type=positive_int, default=None,
                         help="distance between window starts, at most --tile; smaller means more overlap, "
                         "better and slower (default: 3/4 of the tile; the paper's best: --tile 512 --stride 220)")
@@ -200,99 +202,62 @@ def ensure_writable_folder(folder: Path) -> None:
 # Model and priors
 
 
-def load_model(model_dir: Path, device: torch.device) -> Swintormer:
-    from swintormer.models import Swintormer
-
-    if not model_dir.is_dir():
-        hint = ""
-        if model_dir == DEFAULT_MODEL_DIR:
-            hint = " (the shipped default model is not installed; pass --model DIR)"
-        raise RunError(f"model folder not found: {model_dir}{hint}")
-    try:
-        model = Swintormer.from_pretrained(model_dir)
-    except (FileNotFoundError, ValueError) as error:
-        raise RunError(str(error)) from None
-    return model.to(device).eval()
-
-
-class ImagePriors(Protocol):
-    """Gives the prior of an image; the decoded pixels are passed for sources that compute it."""
-
-    def prior_for(self, blurry_path: Path, blurry: np.ndarray) -> np.ndarray: ...
-
-
-class _SampledPriors:
-    """Priors sampled now with the stage-one model (``--prior-model``)."""
-
-    def __init__(self, model_dir: Path, device: torch.device, steps: int, seed: int, timestep_spacing: str) -> None:
-        from ldm_prior.model import PriorModel
-        from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed
+def make_prior_source(args: argparse.Namespace, device: torch.device) -> PriorSource | None:
+    """The prior source the options name (None when none is named)."""
+    if args.prior_cache is not None:
+        if not args.prior_cache.is_dir():
+            raise RunError(f"prior cache folder not found: {args.prior_cache}")
+        from ldm_prior.cache import PriorCache
 
         try:
-            model = PriorModel.from_pretrained(model_dir)
+            return PriorCache(args.prior_cache)
         except (OSError, ValueError) as error:
-            raise RunError(f"cannot load the prior model {model_dir}: {error}") from None
-        settings = SamplingSettings(steps=steps, timestep_spacing=timestep_spacing)
-        self._sampler = PriorSampler(model.to(device), settings)
-        self._image_seed = image_seed
-        self._seed = seed
-
-    def prior_for(self, blurry_path: Path, blurry: np.ndarray) -> np.ndarray:
-        return self._sampler.sample(blurry, seed=self._image_seed(self._seed, blurry_path.name))
-
-
-class _FolderPriors:
-    """Priors stored as plain files (``--prior-folder``, :class:`swintormer.core.priors.PriorFolder`)."""
-
-    def __init__(self, folder: Path) -> None:
+            raise RunError(f"cannot open the prior cache {args.prior_cache}: {error}") from None
+    if args.prior_folder is not None:
         from swintormer.core.priors import PriorFolder
 
         try:
-            self._folder = PriorFolder(folder)
+            return PriorFolder(args.prior_folder)
         except FileNotFoundError as error:
             raise RunError(str(error)) from None
+    if args.prior_model is not None:
+        from ldm_prior.prior_source import SampledPriors
+        from ldm_prior.sampling import SamplingSettings
 
-    def prior_for(self, blurry_path: Path, blurry: np.ndarray) -> np.ndarray:
-        return self._folder.prior_for(blurry_path)
-
-
-class _CachedPriors:
-    """Priors read from a prior cache (``--prior-cache``)."""
-
-    def __init__(self, cache_dir: Path) -> None:
-        if not cache_dir.is_dir():
-            raise RunError(f"prior cache folder not found: {cache_dir}")
-        from ldm_prior.cache import PriorCache
+        settings = SamplingSettings(steps=args.prior_steps, timestep_spacing=args.prior_timestep_spacing)
         try:
-            self._cache = PriorCache(cache_dir)
+            return SampledPriors.from_pretrained(args.prior_model, settings, seed=args.prior_seed, device=device)
         except (OSError, ValueError) as error:
-            raise RunError(f"cannot open the prior cache {cache_dir}: {error}") from None
-
-    def prior_for(self, blurry_path: Path, blurry: np.ndarray) -> np.ndarray:
-        return self._cache.prior_for(blurry_path)
+            raise RunError(f"cannot load the prior model {args.prior_model}: {error}") from None
+    return None
 
 
-def make_prior_source(args: argparse.Namespace, in_channels: int, device: torch.device) -> ImagePriors | None:
-    wants_prior = any(option is not None for option in (args.prior_cache, args.prior_model, args.prior_folder))
-    if in_channels == 3:
-        if wants_prior:
-            raise RunError(
-                f"the model {args.model} takes no prior (3 input channels); "
-                "drop --prior-cache/--prior-model/--prior-folder"
-            )
-        return None
-    if in_channels != 6:
+def load_pipeline(args: argparse.Namespace, device: torch.device) -> DeblurPipeline:
+    """The model folder as a pipeline with the options' settings and prior source."""
+    from swintormer.pipeline import DeblurPipeline
+
+    if not args.model.is_dir():
+        hint = " (the shipped default model is not installed; pass --model DIR)" if args.model == DEFAULT_MODEL_DIR else ""
+        raise RunError(f"model folder not found: {args.model}{hint}")
+    try:
+        pipe = DeblurPipeline.from_pretrained(
+            args.model, device=device, tile=args.tile, stride=args.stride, batch_size=args.batch,
+            blend=args.blend, precision=args.precision, whole=args.whole)
+    except (FileNotFoundError, ValueError) as error:
+        raise RunError(str(error)) from None
+    prior = make_prior_source(args, device)
+    in_channels = pipe.model.config.in_channels
+    if in_channels == 3 and prior is not None:
+        raise RunError(f"the model {args.model} takes no prior (3 input channels); "
+                       "drop --prior-cache/--prior-model/--prior-folder")
+    if in_channels == 6 and prior is None:
+        raise RunError(f"the model {args.model} needs a prior for every image (6 input channels): "
+                       "give --prior-cache DIR, --prior-model DIR or --prior-folder DIR")
+    if in_channels not in (3, 6):
         raise RunError(f"the model {args.model} has {in_channels} input channels; deblur supports 3 (no prior) or 6")
-    if not wants_prior:
-        raise RunError(
-            f"the model {args.model} needs a prior for every image (6 input channels): "
-            "give --prior-cache DIR, --prior-model DIR or --prior-folder DIR"
-        )
-    if args.prior_cache is not None:
-        return _CachedPriors(args.prior_cache)
-    if args.prior_folder is not None:
-        return _FolderPriors(args.prior_folder)
-    return _SampledPriors(args.prior_model, device, args.prior_steps, args.prior_seed, args.prior_timestep_spacing)
+    pipe.prior = prior
+    pipe.progress = not args.no_progress
+    return pipe
 
 
 def resolve_device(requested: str) -> tuple[torch.device, PartialState]:
@@ -328,31 +293,24 @@ def _one_line(error: BaseException, source: Path) -> str:
     return message if message.startswith(str(source)) else f"{source}: {message}"
 
 
-def deblur_one(job: Job, inferencer: SlidingWindowInferencer | WholeImageInferencer, prior_source: ImagePriors | None) -> None:
+def deblur_one(job: Job, pipe: DeblurPipeline) -> None:
     from swintormer.core.image_io import read_image, write_image
 
     loaded = read_image(job.source)
-    pixels = loaded.pixels
-    if prior_source is not None:
-        prior = np.asarray(prior_source.prior_for(job.source, pixels), dtype=np.float32)
-        if prior.shape != pixels.shape:
-            raise ValueError(f"its prior has shape {prior.shape}, the image {pixels.shape}")
-        pixels = np.concatenate([pixels, prior], axis=2)
-    restored = inferencer(pixels)
+    restored = pipe(loaded.pixels, source_path=job.source)
     write_image(job.destination, restored, bit_depth=loaded.bit_depth)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.stride is not None and args.stride > args.tile:
+    if args.stride is not None and args.tile is not None and args.stride > args.tile:
         print(f"error: --stride {args.stride} is larger than --tile {args.tile}; windows would leave gaps",
               file=sys.stderr)
         return 2
     try:
         plan = plan_jobs(args.inputs, args.output)
         device, state = resolve_device(args.device)
-        model = load_model(args.model, device)
-        prior_source = make_prior_source(args, model.config.in_channels, device)
+        pipe = load_pipeline(args, device)
         ensure_writable_folder(args.output)
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -360,16 +318,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    from swintormer.inference import SlidingWindowInferencer, WholeImageInferencer
-
     show_progress = not args.no_progress and state.is_local_main_process
-    if args.whole:
-        inferencer = WholeImageInferencer(model, precision=args.precision, device=device)
-    else:
-        inferencer = SlidingWindowInferencer(
-            model, tile=args.tile, stride=args.stride, batch_size=args.batch, blend=args.blend,
-            precision=args.precision, device=device, progress=show_progress,
-        )
+    pipe.progress = show_progress
     # Shared out by position, so every process knows its images without talking to the others.
     my_jobs = plan.jobs[state.process_index :: state.num_processes]
     problems = list(plan.problems) if state.is_main_process else []
@@ -378,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     written = 0
     for job in tqdm(my_jobs, desc="images", unit="img", disable=not show_progress):
         try:
-            deblur_one(job, inferencer, prior_source)
+            deblur_one(job, pipe)
         except (ValueError, OSError, KeyError) as error:  # ImageReadError is a ValueError
             problem = _one_line(error, job.source)
             problems.append(problem)

@@ -156,39 +156,41 @@ def build_model(config: SwintormerTrainConfig):
     return Swintormer(net_config)
 
 
-def make_validation(config: SwintormerTrainConfig, dataset):
-    """Validation hook: mean PSNR/SSIM of the restored images and PSNR of the blurry inputs."""
-    from swintormer.core.metrics import psnr, ssim
+def inference_settings(config: SwintormerTrainConfig):
+    """How validation runs the network, as the deblur pipeline does."""
+    from swintormer.pipeline import InferenceSettings
 
     settings = config.validation
+    return InferenceSettings(tile=settings.tile, stride=settings.stride, batch_size=settings.batch_size,
+                             whole=settings.mode == "whole")
+
+
+def make_validation(config: SwintormerTrainConfig, dataset):
+    """Validation hook: mean PSNR/SSIM of the images restored by the deblur pipeline, and the
+    PSNR of the blurry inputs."""
+    from swintormer.core.metrics import psnr, ssim
+    from swintormer.pipeline import DeblurPipeline
+
+    settings = config.validation
+    inference = inference_settings(config)
     count = len(dataset) if settings.max_images is None else min(settings.max_images, len(dataset))
     input_scores: dict[int, float] = {}
 
-    def to_hwc(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-
     def validate(model: torch.nn.Module, step: int) -> dict[str, float]:
-        device = next(model.parameters()).device
+        pipe = DeblurPipeline(model, settings=inference)
         scores = {"psnr": [], "ssim": [], "input_psnr": []}
         for index in range(count):
             item = dataset[index]
-            image = item["input"].unsqueeze(0)
-            if settings.mode == "sliding":
-                from swintormer.inference import SlidingWindowInferencer
-
-                inferencer = SlidingWindowInferencer(model, tile=settings.tile, stride=settings.stride,
-                                                     batch_size=settings.batch_size, progress=False)
-                restored = inferencer(image)[0]
-                model.eval()
-            else:
-                restored = model(image.to(device))[0]
-            target = to_hwc(item["target"])
-            result = to_hwc(restored)
+            image = item["input"].permute(1, 2, 0).numpy()
+            # The channels after the first three are the prior (or a dual-pixel pair's right view).
+            extra = image[..., 3:] if image.shape[2] > 3 else None
+            result = np.clip(pipe(image[..., :3], prior=extra), 0.0, 1.0)
+            target = item["target"].permute(1, 2, 0).numpy()
             scores["psnr"].append(psnr(result, target))
             if settings.ssim:
                 scores["ssim"].append(ssim(result, target))
             if index not in input_scores:  # the blurry input's score never changes
-                input_scores[index] = psnr(to_hwc(item["input"][:3]), target)
+                input_scores[index] = psnr(np.clip(image[..., :3], 0.0, 1.0), target)
             scores["input_psnr"].append(input_scores[index])
         return {name: float(np.mean(values)) for name, values in scores.items() if values}
 
@@ -244,7 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         return loss(restored, batch["target"])
 
     def save_final(net: torch.nn.Module, folder: Path) -> None:
-        net.save_pretrained(folder)
+        from swintormer.pipeline import DeblurPipeline
+
+        # The deblur command's default window is the patch size the network learnt at.
+        settings = inference_settings(config).model_copy(update={"tile": config.data.patch_size, "stride": None,
+                                                                 "whole": False})
+        DeblurPipeline(net, settings=settings).save_pretrained(folder)
 
     task = TrainingTask(model=model, loss_step=loss_step, train_dataset=train_set, aux_modules=[loss],
                         validate=validate, save_final=save_final)

@@ -1,4 +1,5 @@
-"""Sliding-window inference at the training size (SPEC section 6).
+"""Sliding-window inference at the training size (the Swintormer paper, "Efficient Image Deblurring
+Networks based on Diffusion Models", section on overlapping-patch inference).
 
 The paper runs Swintormer on overlapping windows of the size it was trained on (256, or 512 with
 stride 220 for its best figure) and averages the overlaps, instead of feeding the whole image at

@@ -1,4 +1,5 @@
-"""Stage-two training losses (SPEC 3 and 7.1), combinable with weights from the config.
+"""Stage-two training losses (L1, VGG perceptual, and the MAE perceptual losses of Liang et al.,
+"Image Deblurring by Exploring In-depth Properties of Transformer"), combinable with weights from the config.
 
 - ``l1``: mean absolute error on pixels (the paper's loss).
 - ``vgg``: VGG-19 perceptual loss: weighted L1 between VGG-19 feature maps of output and
@@ -162,7 +163,7 @@ def token_wasserstein(output: torch.Tensor, target: torch.Tensor, p: float = 2.0
     optimal transport) and ``(mean |Δ|^p)^(1/p)`` is taken, the mean running over the channels
     and, as in the authors' code (``F.mse_loss`` over the N×C values of one token position),
     over the batch; the results are summed over the T positions. With p = 2 and N = 1 this is
-    exactly SPEC 7.1: the square root of the mean squared difference of the sorted vectors.
+    as in the authors' published code: the square root of the mean squared difference of the sorted vectors.
     """
     if output.shape != target.shape or output.dim() != 3:
         raise ValueError(f"expected two N×T×C tensors of one shape, got {tuple(output.shape)} and {tuple(target.shape)}")
@@ -194,7 +195,7 @@ def sliced_wasserstein(output: torch.Tensor, target: torch.Tensor, p: float = 2.
 class MAEPerceptualLoss(nn.Module):
     """MAE local (Euclidean) and distribution (Wasserstein) losses from one encoder pass.
 
-    SPEC 7.1: ImageNet-normalised inputs at the crop size; patch tokens with positions; one
+    As the authors' code: ImageNet-normalised inputs at the crop size; patch tokens with positions; one
     random mask keeping ``1 − mask_ratio`` of the tokens, shared by output and target; CLS
     prepended; features = outputs of encoder blocks ``blocks`` (1-based; default 1–6).
     ``local`` = Σ_blocks mean|f_out − f_target|; ``distribution`` = Σ_blocks

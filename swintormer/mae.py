@@ -1,4 +1,5 @@
-"""The MAE ViT-B/16 encoder used by the MAE perceptual losses (SPEC 7.1), written out plainly.
+"""The MAE ViT-B/16 encoder used by the MAE perceptual losses (He et al. 2022's encoder, as
+Liang et al.'s "Image Deblurring by Exploring In-depth Properties of Transformer" uses it), written out plainly.
 
 The authors' loss builds the encoder of the MAE release (``mae_pretrain_vit_base.pth``) with a
 model class that only runs on an old timm. This module is a small pre-norm ViT whose parameter

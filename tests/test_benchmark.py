@@ -1,4 +1,4 @@
-"""The benchmark command (``tools/benchmark.py``, issue 8) end to end on its quick profile.
+"""The benchmark command (``tools/benchmark.py``) end to end on its quick profile.
 
 One run of ``--quick`` (a few minutes) makes the data, trains the prior and every ablation row
 through the project's pipelines, scores them and renders the report. The tests check that the

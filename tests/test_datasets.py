@@ -232,7 +232,7 @@ def test_whole_image_dataset_and_cache(coordinate_pair, tmp_path):
         path.unlink()
     torch.testing.assert_close(dataset[0]["target"], item["target"], rtol=0, atol=0)
     wrong_prior = PairedImageDataset(pairs, prior_source=_CoordinatePrior(h + 1, w), cache_images=False)
-    wrong_prior._loader._cache = dataset._loader._cache
+    wrong_prior._loader._images = dataset._loader._images
     with pytest.raises(ValueError, match="prior has shape"):
         wrong_prior[0]
 

@@ -1,4 +1,4 @@
-"""Tests of ``swintormer deblur`` (``pipelines/deblur.py``, issue 6)."""
+"""Tests of ``swintormer deblur`` (``pipelines/deblur.py``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the sliding-window inferencer (SPEC section 6, issue 6)."""
+"""Tests of the sliding-window inferencer."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
     python tools/demo.py [--output demo_output] [--model swintormer/weights/default]
 
-Runs the real deblur command (``pipelines.deblur.main``) on ``samples/coffee_04_blurry.png``, a
+Runs the deblurring pipeline (:class:`swintormer.pipeline.DeblurPipeline`, what the deblur
+command runs, with its default settings) on ``samples/coffee_04_blurry.png``, a
 held-out synthetic defocus image (see ``samples/README.md``), writes the result to
 ``demo_output/coffee_04_blurry.png`` and prints the PSNR of the blurry input and of the result
 against the sample's sharp original ``samples/coffee_04_sharp.png``.
@@ -40,23 +41,24 @@ class DemoError(Exception):
 
 def run_demo(output_dir: Path, model_dir: Path = DEFAULT_MODEL_DIR, progress: bool = True) -> DemoResult:
     """Deblur the blurry sample into ``output_dir`` with the deblur pipeline and score it."""
-    from pipelines.deblur import main as deblur_main
-    from swintormer.core.image_io import read_image
+    from swintormer.core.image_io import read_image, write_image
     from swintormer.core.metrics import psnr
+    from swintormer.pipeline import DeblurPipeline
 
     for sample in (BLURRY_SAMPLE, SHARP_SAMPLE):
         if not sample.is_file():
             raise DemoError(f"sample image missing: {sample}")
-    # The deblur command's own defaults (tile, stride, blend): the demo shows what users get.
-    argv = [str(BLURRY_SAMPLE), "--output", str(output_dir), "--model", str(model_dir)]
-    if not progress:
-        argv.append("--no-progress")
-    status = deblur_main(argv)
-    if status != 0:
-        raise DemoError(f"the deblur command failed with exit code {status} (its error is printed above)")
-    output_path = output_dir / f"{BLURRY_SAMPLE.stem}.png"
+    try:
+        # The pipeline's own defaults (tile, stride, blend): the demo shows what users get.
+        pipe = DeblurPipeline.from_pretrained(model_dir)
+    except (FileNotFoundError, ValueError) as error:
+        raise DemoError(str(error)) from None
+    pipe.progress = progress
+    blurry_image = read_image(BLURRY_SAMPLE)
+    output_path = write_image(output_dir / f"{BLURRY_SAMPLE.stem}.png", pipe(blurry_image.pixels),
+                              bit_depth=blurry_image.bit_depth)
     sharp = read_image(SHARP_SAMPLE).pixels
-    blurry = read_image(BLURRY_SAMPLE).pixels
+    blurry = blurry_image.pixels
     restored = read_image(output_path).pixels
     return DemoResult(output_path=output_path, blurry_psnr=psnr(blurry, sharp), restored_psnr=psnr(restored, sharp))
 

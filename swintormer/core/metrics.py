@@ -1,4 +1,5 @@
-"""Image-quality metrics of the DPDD defocus-deblurring protocol (SPEC section 8).
+"""Image-quality metrics of the DPDD defocus-deblurring protocol (Abuolaim & Brown,
+ECCV 2020, as computed by the strongest published models on DPDD).
 
 The protocol is the one published with the DPDD benchmark's strongest peers (Restormer's
 ``test_single_image_defocus_deblur.py`` and the papers that reuse it, Swintormer included):

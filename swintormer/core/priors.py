@@ -1,10 +1,11 @@
 """The interface through which stage two sees the diffusion prior, and a file-based source.
 
 Stage two (training, validation, inference) never calls the diffusion model: it asks a
-:class:`PriorSource` for the prior of a blurry image. Two implementations exist:
+:class:`PriorSource` for the prior of a blurry image. Three implementations exist:
 
 * ``ldm_prior.cache.PriorCache``: the prior cache written by ``pipelines.cache_priors``
   (fingerprinted entries, refuses stale ones);
+* ``ldm_prior.prior_source.SampledPriors``: priors sampled now by a stage-one model;
 * :class:`PriorFolder` (here): priors saved as ordinary files, for the "prior-from-file" variant
   (priors produced by another tool, or hand-made for tests and demos).
 
@@ -36,8 +37,13 @@ SAFETENSORS_PRIOR_KEY = "prior"
 class PriorSource(Protocol):
     """Anything that gives the prior of a blurry image file."""
 
-    def prior_for(self, blurry_path: Path) -> np.ndarray:
-        """The prior of ``blurry_path``: float32 H×W×3 in [0, 1], the image's size."""
+    def prior_for(self, blurry_path: Path, blurry: np.ndarray | None = None) -> np.ndarray:
+        """The prior of ``blurry_path``: float32 H×W×3 in [0, 1], the image's size.
+
+        ``blurry`` is the decoded image when the caller has it: sources that compute the prior
+        (a diffusion model sampling it now) use it; sources that look it up (a cache, files)
+        ignore it.
+        """
         ...
 
 
@@ -105,7 +111,7 @@ class PriorFolder:
             relative = Path(blurry_path.stem)
         return [self.folder / relative.parent / f"{relative.name}{extension}" for extension in PRIOR_FILE_EXTENSIONS]
 
-    def prior_for(self, blurry_path: Path) -> np.ndarray:
+    def prior_for(self, blurry_path: Path, blurry: np.ndarray | None = None) -> np.ndarray:
         tried = self.candidates(blurry_path)
         for candidate in tried:
             if candidate.is_file():

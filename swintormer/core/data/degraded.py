@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from swintormer.core.data.paired import apply_symmetry
+from swintormer.core.data.paired import DecodedImages, RandomPatchDataset, apply_symmetry, from_samples
 from swintormer.core.data.degradations import DegradationConfig, degrade_crop
-from swintormer.core.image_io import list_images, read_image
+from swintormer.core.image_io import list_images
 
 VALIDATION_STREAM = 1_000_003  # a seed-sequence word no epoch reaches in practice
 
@@ -44,32 +44,6 @@ def discover_photos(folder: str | os.PathLike[str]) -> list[Path]:
     return photos
 
 
-class _PhotoLoader:
-    """Decoded photos as 8- or 16-bit samples, kept in memory when ``cache_images``."""
-
-    def __init__(self, photos: list[Path], cache_images: bool):
-        if not photos:
-            raise ValueError("the dataset has no photos")
-        self.photos = list(photos)
-        self.cache_images = cache_images
-        self._cache: dict[int, np.ndarray] = {}
-
-    def __call__(self, index: int) -> np.ndarray:
-        cached = self._cache.get(index)
-        if cached is not None:
-            return cached
-        loaded = read_image(self.photos[index])
-        scale = 255.0 if loaded.bit_depth == 8 else 65535.0
-        samples = np.rint(loaded.pixels * scale).astype(np.uint8 if loaded.bit_depth == 8 else np.uint16)
-        if self.cache_images:
-            self._cache[index] = samples
-        return samples
-
-
-def _to_float(samples: np.ndarray) -> np.ndarray:
-    return samples.astype(np.float32) / np.float32(255.0 if samples.dtype == np.uint8 else 65535.0)
-
-
 def _to_chw(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32))
 
@@ -83,7 +57,7 @@ def _padded(samples: np.ndarray, side: int) -> np.ndarray:
     return np.pad(samples, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
 
 
-class DegradedPatchDataset(Dataset):
+class DegradedPatchDataset(RandomPatchDataset):
     """Random training patches of sharp photos, each with a freshly drawn degradation."""
 
     def __init__(
@@ -96,38 +70,17 @@ class DegradedPatchDataset(Dataset):
         repeat: int = 1,
         cache_images: bool = False,
     ):
-        self._load = _PhotoLoader(photos, cache_images)
+        if not photos:
+            raise ValueError("the dataset has no photos")
+        self.photos = list(photos)
+        self._images = DecodedImages(cache_images)
         self.degradation = degradation
-        self.augment = augment
-        self.seed = int(seed)
-        self.repeat = int(repeat)
-        if self.repeat < 1:
-            raise ValueError("repeat must be at least 1")
-        self.epoch = 0
-        self.patch_size = 0
-        self.set_patch_size(patch_size)
-
-    @property
-    def photos(self) -> list[Path]:
-        return self._load.photos
-
-    def set_patch_size(self, patch_size: int) -> None:
-        if int(patch_size) <= 0:
-            raise ValueError(f"patch size must be positive, got {patch_size}")
-        self.patch_size = int(patch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.photos) * self.repeat
+        super().__init__(len(self.photos), patch_size, augment, seed, repeat)
 
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+        rng = self.item_rng(index)
         photo_index = index % len(self.photos)
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        samples = self._load(photo_index)
+        samples = self._images.samples(self.photos[photo_index])
         side = self.patch_size + 2 * self.degradation.margin()
         scale = float(rng.uniform(*self.degradation.scale))
         # The region that, downscaled by `scale`, gives the crop; never larger than the photo.
@@ -135,7 +88,7 @@ class DegradedPatchDataset(Dataset):
         samples = _padded(samples, region)
         top = int(rng.integers(0, samples.shape[0] - region + 1))
         left = int(rng.integers(0, samples.shape[1] - region + 1))
-        crop = _to_float(samples[top: top + region, left: left + region])
+        crop = from_samples(samples[top: top + region, left: left + region])
         if region != side:
             crop = cv2.resize(crop, (side, side), interpolation=cv2.INTER_AREA)
         if self.augment:
@@ -161,16 +114,15 @@ class DegradedImageDataset(Dataset):
         kinds: list[str] | None = None,
         cache_images: bool = True,
     ):
-        self._load = _PhotoLoader(photos, cache_images)
+        if not photos:
+            raise ValueError("the dataset has no photos")
+        self.photos = list(photos)
+        self._images = DecodedImages(cache_images)
         self.crop = int(crop)
         self.degradation = degradation
         self.seed = int(seed)
         self.kinds = list(kinds) if kinds else None
         self._items: dict[int, dict] = {}
-
-    @property
-    def photos(self) -> list[Path]:
-        return self._load.photos
 
     def __len__(self) -> int:
         return len(self.photos)
@@ -186,13 +138,13 @@ class DegradedImageDataset(Dataset):
     def _make(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, VALIDATION_STREAM, index])
         margin = self.degradation.margin()
-        samples = self._load(index)
+        samples = self._images.samples(self.photos[index])
         height, width = samples.shape[:2]
         crop_h, crop_w = min(self.crop, height), min(self.crop, width)
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
         # Context around the crop: the photo itself where it has some, reflections beyond its edges.
         samples = np.pad(samples, ((margin, margin), (margin, margin), (0, 0)), mode="symmetric")
-        region = _to_float(samples[top: top + crop_h + 2 * margin, left: left + crop_w + 2 * margin])
+        region = from_samples(samples[top: top + crop_h + 2 * margin, left: left + crop_w + 2 * margin])
         kind = self.kinds[index % len(self.kinds)] if self.kinds else None
         blurry, sharp, degradation = degrade_crop(rng, region, self.degradation, kind)
         name = f"{self.photos[index].stem}_{degradation.kind}"

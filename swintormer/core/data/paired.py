@@ -373,24 +373,21 @@ def _as_samples(pixels: np.ndarray, bit_depth: int) -> np.ndarray:
     return np.rint(pixels * scale).astype(np.uint8 if bit_depth == 8 else np.uint16)
 
 
-def _from_samples(samples: np.ndarray) -> np.ndarray:
+def from_samples(samples: np.ndarray) -> np.ndarray:
+    """Integer samples (8 or 16 bit) as float32 in [0, 1]."""
     scale = np.float32(255.0 if samples.dtype == np.uint8 else 65535.0)
     return samples.astype(np.float32) / scale
 
 
-class _PairLoader:
-    """Reads the arrays of a pair (blurry channels, target, optional prior), with an optional
-    in-memory cache of decoded integer samples (per process)."""
+class DecodedImages:
+    """Decoded images as their exact integer samples, kept in memory when ``cache_images``
+    (per process)."""
 
-    def __init__(self, pairs: list[ImagePair], prior_source: PriorSource | None, cache_images: bool):
-        if not pairs:
-            raise ValueError("the dataset has no image pairs")
-        self.pairs = list(pairs)
-        self.prior_source = prior_source
+    def __init__(self, cache_images: bool):
         self.cache_images = cache_images
         self._cache: dict[Path, np.ndarray] = {}
 
-    def _samples(self, path: Path) -> np.ndarray:
+    def samples(self, path: Path) -> np.ndarray:
         cached = self._cache.get(path)
         if cached is not None:
             return cached
@@ -399,6 +396,20 @@ class _PairLoader:
         if self.cache_images:
             self._cache[path] = samples
         return samples
+
+
+class _PairLoader:
+    """Reads the arrays of a pair (blurry channels, target, optional prior)."""
+
+    def __init__(self, pairs: list[ImagePair], prior_source: PriorSource | None, cache_images: bool):
+        if not pairs:
+            raise ValueError("the dataset has no image pairs")
+        self.pairs = list(pairs)
+        self.prior_source = prior_source
+        self._images = DecodedImages(cache_images)
+
+    def _samples(self, path: Path) -> np.ndarray:
+        return self._images.samples(path)
 
     def arrays(self, index: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
         """Integer blurry views, integer target, float prior (or None) of pair ``index``."""
@@ -435,7 +446,43 @@ def apply_symmetry(array: np.ndarray, flip: bool, rotations: int) -> np.ndarray:
     return np.rot90(array, k=rotations, axes=(0, 1))
 
 
-class PairedPatchDataset(Dataset):
+class RandomPatchDataset(Dataset):
+    """What every training-patch dataset shares: ``repeat`` visits of each of ``num_sources``
+    images per epoch, the patch side (changed by progressive training), and the random stream of
+    item ``index`` in the current epoch, ``default_rng([seed, epoch, index])`` (module docstring)."""
+
+    def __init__(self, num_sources: int, patch_size: int, augment: bool, seed: int, repeat: int):
+        self.num_sources = int(num_sources)
+        self.augment = augment
+        self.seed = int(seed)
+        self.repeat = int(repeat)
+        if self.repeat < 1:
+            raise ValueError("repeat must be at least 1")
+        self.epoch = 0
+        self.patch_size = 0
+        self.set_patch_size(patch_size)
+
+    def set_patch_size(self, patch_size: int) -> None:
+        """Change the patch side for the following items (progressive training)."""
+        if int(patch_size) <= 0:
+            raise ValueError(f"patch size must be positive, got {patch_size}")
+        self.patch_size = int(patch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random draws the following items use."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_sources * self.repeat
+
+    def item_rng(self, index: int) -> np.random.Generator:
+        """The random stream of item ``index`` in the current epoch (checks the index)."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+
+class PairedPatchDataset(RandomPatchDataset):
     """Random training patches of aligned blurry / target (/ prior) images.
 
     Item ``index`` is ``{"input": C×p×p float32, "target": 3×p×p float32, "name": str}`` where
@@ -460,37 +507,15 @@ class PairedPatchDataset(Dataset):
         cache_images: bool = False,
     ):
         self._loader = _PairLoader(pairs, prior_source, cache_images)
-        self.augment = augment
-        self.seed = int(seed)
-        self.repeat = int(repeat)
-        if self.repeat < 1:
-            raise ValueError("repeat must be at least 1")
-        self.epoch = 0
-        self.patch_size = 0
-        self.set_patch_size(patch_size)
+        super().__init__(len(self._loader.pairs), patch_size, augment, seed, repeat)
 
     @property
     def pairs(self) -> list[ImagePair]:
         return self._loader.pairs
 
-    def set_patch_size(self, patch_size: int) -> None:
-        """Change the patch side for the following items (progressive training)."""
-        if int(patch_size) <= 0:
-            raise ValueError(f"patch size must be positive, got {patch_size}")
-        self.patch_size = int(patch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose random draws the following items use."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self._loader.pairs) * self.repeat
-
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+        rng = self.item_rng(index)
         pair_index = index % len(self._loader.pairs)
-        rng = np.random.default_rng([self.seed, self.epoch, index])
         blurry, target, prior = self._loader.arrays(pair_index)
         size = self.patch_size
         height, width = target.shape[:2]
@@ -507,12 +532,12 @@ class PairedPatchDataset(Dataset):
             cropped = array[top : top + size, left : left + size]
             return apply_symmetry(cropped, flip, rotations)
 
-        inputs = [_from_samples(patch(view)) for view in blurry]
+        inputs = [from_samples(patch(view)) for view in blurry]
         if prior is not None:
             inputs.append(patch(prior).astype(np.float32))
         return {
             "input": _to_chw(np.concatenate(inputs, axis=2)),
-            "target": _to_chw(_from_samples(patch(target))),
+            "target": _to_chw(from_samples(patch(target))),
             "name": self._loader.pairs[pair_index].name,
         }
 
@@ -536,11 +561,11 @@ class PairedImageDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(index)
         blurry, target, prior = self._loader.arrays(index)
-        inputs = [_from_samples(view) for view in blurry]
+        inputs = [from_samples(view) for view in blurry]
         if prior is not None:
             inputs.append(prior)
         return {
             "input": _to_chw(np.concatenate(inputs, axis=2)),
-            "target": _to_chw(_from_samples(target)),
+            "target": _to_chw(from_samples(target)),
             "name": self._loader.pairs[index].name,
         }
