@@ -1,4 +1,4 @@
-"""Peak memory and speed of sliding-window inference on large images (issue 6, SPEC section 6).
+"""Peak memory and speed of sliding-window inference on large images.
 
 Each case runs in a fresh subprocess so that its peak resident memory (``ru_maxrss``) is its own.
 A case builds the network with random weights (memory and time do not depend on them), makes a
@@ -10,8 +10,8 @@ model, before any forward pass); the sizes of the input and output arrays; the p
 above all of those (the inference's own working memory: accumulator, window batch, activations);
 seconds, seconds per megapixel and seconds per window; and the process's CPU seconds (user +
 system) per megapixel, which other load on a shared machine disturbs far less than wall time.
-Targets checked (issue 6): the 4K peak below 4 GB, and the time per megapixel of the two sizes
-within 10% of each other.
+Targets checked: the 4K peak below 4 GB, and the time per megapixel of the two sizes
+within 10% of each other (measured: docs/measurements/inference_memory.md).
 
     python tools/benchmark_inference_memory.py --progress    # 3840×2160 and 1680×1120, paper preset
     python tools/benchmark_inference_memory.py --json out.json --cases 640x480 --preset tiny
