@@ -32,7 +32,7 @@ from typing import Iterable
 import numpy as np
 from safetensors import safe_open
 
-from swintormer.core.files import atomic_write_bytes
+from swintormer.core.files import TEMPORARY_SUFFIX, atomic_write_bytes
 from swintormer.core.priors import PriorMissingError
 
 CACHE_FORMAT_VERSION = "1"
@@ -188,8 +188,9 @@ def prepare_cache(cache_root: str | os.PathLike[str], settings: CacheSettings, d
         if found["data_root"] != wanted["data_root"]:
             raise PriorCacheError(f"{root}: existing cache is for dataset {found['data_root']}, not {wanted['data_root']}")
     (root / ENTRIES_DIR).mkdir(parents=True, exist_ok=True)
-    # Temporary files of writes interrupted by a kill; no process is writing yet at this point.
-    for stale in (root / ENTRIES_DIR).rglob(".*.tmp"):
+    # Temporary files (swintormer.core.files' naming) of writes interrupted by a kill, in every
+    # sub-folder of the entries; no process is writing yet at this point.
+    for stale in (root / ENTRIES_DIR).rglob(f".*{TEMPORARY_SUFFIX}"):
         stale.unlink(missing_ok=True)
     atomic_write_bytes(root / MANIFEST_NAME, (json.dumps(wanted, indent=2, sort_keys=True) + "\n").encode())
 

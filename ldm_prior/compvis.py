@@ -10,9 +10,10 @@ given :class:`PriorConfig`, every original key and the diffusers key(s) it becom
   ``conv_out``; residual blocks' ``in_layers.0/2``, ``emb_layers.1``, ``out_layers.0/3``,
   ``skip_connection`` to ``norm1``, ``conv1``, ``time_emb_proj``, ``norm2``, ``conv2``,
   ``conv_shortcut``.
-* UNet attention (where diffusers' own converter falls short, SPEC 7.3): the fused 1-D conv
-  ``qkv`` is interleaved per head (legacy QKV order: for each head, its q, k, v rows), so it is
-  reshaped to heads x 3*head_dim, split, and the 1-D conv weights squeezed to linear weights;
+* UNet attention (which diffusers' ``convert_ldm_unet_checkpoint`` does not map to CompVis'
+  ``QKVAttentionLegacy``): the fused 1-D conv ``qkv`` is interleaved per head (legacy QKV
+  order: for each head, its q, k, v rows), so it is reshaped to heads x 3*head_dim, split, and
+  the 1-D conv weights squeezed to linear weights;
   ``norm`` becomes ``group_norm`` and ``proj_out`` becomes ``to_out.0``.
 * VQ: ``down.i.block.j`` / ``up.(L-1-k).block.j`` / ``mid.block_1|attn_1|block_2`` /
   ``nin_shortcut`` / ``downsample`` / ``upsample`` to their diffusers names; the 1x1 conv

@@ -1,23 +1,23 @@
-"""Stage-one fine-tuning: which parameters train (name patterns) and the loss of one step.
+"""Stage-one fine-tuning maths: which parameters train (name patterns) and the loss of one step.
 
-SPEC 4: the VQ encoder and the UNet backbone (``conv_in``, time embedding, down blocks, mid
-block) stay frozen; the decoder side trains. Two objectives:
+The authors fine-tune a pretrained latent-diffusion model (Rombach et al., 2022) with its VQ
+encoder and UNet backbone (``conv_in``, time embedding, down blocks, mid block) frozen; the
+decoder side trains. Two objectives:
 
-* ``noise`` (default): the UNet decoder side learns the usual noise prediction (or velocity
-  prediction, for a schedule with ``prediction_type: v_prediction``). The clean
-  latent is the VQ encoding of the sharp image (upsampled 4x first in ``full`` mode, so the
-  latent has the blurry image's size); the condition is the blurry image (``full``) or its 4x
-  area-downsampled copy (``quarter``). A ``residual`` model (``PriorConfig.latent_target``)
-  generates the sharp latent minus the blurry image's latent instead.
+* ``noise`` (default): the UNet decoder side learns the DDPM noise prediction (Ho et al., 2020),
+  or the velocity v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·z₀ (Salimans & Ho, 2022, "Progressive distillation
+  for fast sampling of diffusion models") for a schedule with ``prediction_type:
+  v_prediction``. What is generated and what conditions it come from the
+  :class:`~ldm_prior.codec.LatentCodec`.
 * ``vq_decoder``: the VQ decoder learns to turn the UNet's one-step estimate of the clean
   latent into the sharp image: L1, plus LPIPS and the PatchGAN hinge term (taming-transformers'
-  ``NLayerDiscriminator``) when their weights are positive. The UNet is frozen unless patterns
-  select parts of it, which then learn from the same pixel loss.
+  ``NLayerDiscriminator``, Esser et al., 2021) when their weights are positive. The UNet is
+  frozen unless patterns select parts of it, which then learn from the same pixel loss.
 
 A third objective, ``vq_autoencoder``, is not part of the authors' method: it trains a VQGAN
-built from random weights (encoder included) as an autoencoder of sharp images (L1; in ``full``
-mode of their 4x upsampled copies, decoded and area-downsampled as a prior is), the step a
-from-scratch CPU model needs before any prior it samples can resemble an image.
+built from random weights (encoder included) as an autoencoder of sharp images
+(:meth:`LatentCodec.reconstruct`), the step a from-scratch CPU model needs before any prior it
+samples can resemble an image.
 
 Parameter names carry the component prefix: ``unet.up_blocks.0.resnets.0.conv1.weight``,
 ``vqvae.decoder.conv_out.bias``; patterns are shell-style (``fnmatch``).
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_prior.codec import LatentCodec
 from ldm_prior.model import PriorModel
 
 Objective = Literal["noise", "vq_decoder", "vq_autoencoder"]
@@ -41,7 +42,14 @@ Objective = Literal["noise", "vq_decoder", "vq_autoencoder"]
 UNET_DECODER_PATTERNS: tuple[str, ...] = ("unet.up_blocks.*", "unet.conv_norm_out.*", "unet.conv_out.*")
 #: The VQ decoder (after quantisation).
 VQ_DECODER_PATTERNS: tuple[str, ...] = ("vqvae.post_quant_conv.*", "vqvae.decoder.*")
-#: Never trained, whatever the patterns say: the frozen encoder and backbone of SPEC 4.
+#: What each objective trains when no patterns are given.
+DEFAULT_TRAINABLE: dict[str, tuple[str, ...]] = {
+    "noise": UNET_DECODER_PATTERNS,
+    "vq_decoder": VQ_DECODER_PATTERNS,
+    "vq_autoencoder": ("vqvae.*",),
+}
+#: Never trained, whatever the patterns say: the frozen VQ encoder and UNet backbone of the
+#: authors' fine-tuning.
 FROZEN_PATTERNS: tuple[str, ...] = (
     "vqvae.encoder.*", "vqvae.quant_conv.*", "vqvae.quantize.*",
     "unet.conv_in.*", "unet.time_embedding.*", "unet.down_blocks.*", "unet.mid_block.*",
@@ -88,54 +96,24 @@ def select_trainable(
     return TrainableSelection(tuple(trainable), trainable_count, frozen_count)
 
 
+def select_for_objective(
+    model: PriorModel, objective: str, patterns: list[str] | tuple[str, ...] | None = None,
+    unfreeze_backbone: bool = False,
+) -> TrainableSelection:
+    """:func:`select_trainable` with ``patterns`` or the objective's defaults
+    (:data:`DEFAULT_TRAINABLE`). The frozen parts may train only for ``vq_autoencoder`` (a VQGAN
+    from random weights) or with ``unfreeze_backbone`` (a UNet from random weights: nothing
+    pretrained to keep)."""
+    allow_frozen = objective == "vq_autoencoder" or unfreeze_backbone
+    return select_trainable(model, patterns or list(DEFAULT_TRAINABLE[objective]), allow_frozen=allow_frozen)
+
+
 def check_patch_size(model: PriorModel, height: int, width: int, mode: str) -> None:
     """Training patches must fit the UNet's down/up path without padding."""
     unit = model.config.unet_multiple * (model.config.vq_factor if mode == "quarter" else 1)
     if height % unit or width % unit:
         raise ValueError(f"training patches of {height}x{width} do not fit mode {mode!r}: both sides must be "
                          f"multiples of {unit}")
-
-
-def image_to_encode(model: PriorModel, image: torch.Tensor, mode: str) -> torch.Tensor:
-    """The image (in [0, 1]) whose VQ encoding is ``image``'s latent in ``mode``: the image itself
-    in ``quarter`` mode, its 4x bicubic upsampling in ``full`` mode (so that the latent has the
-    blurry image's size)."""
-    if mode == "full":
-        return F.interpolate(image, scale_factor=model.config.vq_factor, mode="bicubic", align_corners=False).clamp(0, 1)
-    if mode == "quarter":
-        return image
-    raise ValueError(f"unknown conditioning mode {mode!r}")
-
-
-def vq_latent(model: PriorModel, image: torch.Tensor, mode: str) -> torch.Tensor:
-    """The VQ encoding of an N x 3 x H x W image in [0, 1] as ``mode`` sees it: before
-    quantisation (as LDM trains) and before the latent scale."""
-    return model.vqvae.encode(image_to_encode(model, image, mode) * 2 - 1).latents
-
-
-@torch.no_grad()
-def latent_target_and_condition(
-    model: PriorModel, blurry: torch.Tensor, sharp: torch.Tensor, mode: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the diffusion generates (the scaled VQ latent of the sharp image, or for a
-    ``residual`` model its difference from the blurry image's) and the condition, from
-    N x 3 x H x W images in [0, 1]."""
-    latents = vq_latent(model, sharp, mode)
-    if model.config.latent_target == "residual":
-        latents = latents - vq_latent(model, blurry, mode)
-    condition = blurry if mode == "full" else F.avg_pool2d(blurry, model.config.vq_factor)
-    return latents * model.config.latent_scale, condition * 2 - 1
-
-
-def to_vq_latent(model: PriorModel, latents: torch.Tensor, blurry_latent: torch.Tensor | None) -> torch.Tensor:
-    """The VQ latent to decode from what the diffusion generated: the scale undone and, for a
-    ``residual`` model, the blurry image's own latent (:func:`vq_latent`) added back."""
-    latents = latents / model.config.latent_scale
-    if model.config.latent_target == "residual":
-        if blurry_latent is None:
-            raise ValueError("a residual prior needs the blurry image's latent to decode")
-        latents = latents + blurry_latent
-    return latents
 
 
 def _noisy(
@@ -167,7 +145,9 @@ def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, tim
 
 
 def clean_latent_estimate(scheduler, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """The one-step estimate of the clean latent from the UNet's prediction at ``timesteps``."""
+    """The one-step estimate of the clean latent from the UNet's prediction at ``timesteps``:
+    (z_t − sqrt(1−ᾱ)·ε̂) / sqrt(ᾱ) for noise prediction, sqrt(ᾱ)·z_t − sqrt(1−ᾱ)·v̂ for velocity
+    prediction (Salimans & Ho, 2022)."""
     alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[timesteps].view(-1, 1, 1, 1)
     if scheduler.config.prediction_type == "v_prediction":
         return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * prediction
@@ -175,27 +155,26 @@ def clean_latent_estimate(scheduler, noisy: torch.Tensor, prediction: torch.Tens
 
 
 def noise_prediction_loss(
-    model: PriorModel, blurry: torch.Tensor, sharp: torch.Tensor, mode: str, scheduler,
-    generator: torch.Generator | None = None, unet: nn.Module | None = None,
+    unet: nn.Module, codec: LatentCodec, blurry: torch.Tensor, sharp: torch.Tensor, scheduler,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DDPM training: MSE between the UNet's prediction at a random timestep and its target (the
-    noise, or the velocity for a ``v_prediction`` schedule).
-    ``generator`` (CPU) fixes timesteps and noise, for a deterministic validation loss;
-    ``unet`` overrides ``model.unet`` (e.g. a DDP-wrapped one)."""
-    latents, condition = latent_target_and_condition(model, blurry, sharp, mode)
+    noise, or the velocity for a ``v_prediction`` schedule), from N x 3 x H x W images in
+    [0, 1]. ``generator`` (CPU) fixes timesteps and noise, for a deterministic validation loss."""
+    latents, condition = codec.target_and_condition(blurry, sharp)
     noisy, noise, timesteps = _noisy(scheduler, latents, generator)
-    prediction = (unet or model.unet)(torch.cat([noisy, condition], dim=1), timesteps).sample
+    prediction = unet(torch.cat([noisy, condition], dim=1), timesteps).sample
     return F.mse_loss(prediction.float(), prediction_target(scheduler, latents, noise, timesteps).float())
 
 
 def vq_decoder_reconstruction(
-    model: PriorModel, blurry: torch.Tensor, sharp: torch.Tensor, mode: str, scheduler,
+    unet: nn.Module, codec: LatentCodec, blurry: torch.Tensor, sharp: torch.Tensor, scheduler,
     max_timestep: int = 200, generator: torch.Generator | None = None, min_timestep: int = 0,
 ) -> torch.Tensor:
     """The sharp-size image (in [-1, 1]) the VQ decoder makes from the UNet's one-step estimate
     of the clean latent at a random timestep in [``min_timestep``, ``max_timestep``): its
     decoding, or for a ``pixel_residual`` prior the blurry image plus the change the estimate
-    makes to the decoding. Gradients reach the VQ decoder side.
+    makes to the decoding (:meth:`LatentCodec.prior_image`). Gradients reach the VQ decoder side.
 
     The range says which estimates the decoder learns to decode: small timesteps give nearly
     clean latents (the last steps of a long sampler); ``min_timestep=999, max_timestep=1000``
@@ -205,62 +184,22 @@ def vq_decoder_reconstruction(
     ``unfreeze_backbone``), the pixel loss reaches them through the estimate: UNet and VQ
     decoder then learn together what the sampler will decode."""
     with torch.no_grad():
-        latents, condition = latent_target_and_condition(model, blurry, sharp, mode)
+        latents, condition = codec.target_and_condition(blurry, sharp)
         noisy, noise, timesteps = _noisy(scheduler, latents, generator, max_timestep, min_timestep)
-        blurry_latent = vq_latent(model, blurry, mode) if model.config.latent_target == "residual" else None
-    unet_trains = torch.is_grad_enabled() and any(p.requires_grad for p in model.unet.parameters())
+        blurry_latent = codec.blurry_latent(blurry)
+    unet_trains = torch.is_grad_enabled() and any(p.requires_grad for p in unet.parameters())
     with torch.set_grad_enabled(unet_trains):
-        prediction = model.unet(torch.cat([noisy, condition], dim=1), timesteps).sample
-        estimate = to_vq_latent(model, clean_latent_estimate(scheduler, noisy, prediction, timesteps), blurry_latent)
-    if model.config.pixel_residual:
-        return pixel_residual_image(model, blurry, decoded_image(model, estimate, mode), blurry_latent, mode)
-    return decoded_image(model, estimate, mode)
-
-
-def decoded_image(model: PriorModel, latents: torch.Tensor, mode: str) -> torch.Tensor:
-    """The VQ decoding of ``latents`` (quantised) at the blurry image's size, in [-1, 1] give or
-    take the decoder's overshoot: area-downsampled by the VQ factor in ``full`` mode.
-
-    A prior is this image, or for a ``pixel_residual`` prior the blurry image plus this image
-    minus the decoding of the blurry image's own latent."""
-    return to_blurry_size(model, model.vqvae.decode(latents).sample, mode)
-
-
-def pixel_residual_image(
-    model: PriorModel, blurry: torch.Tensor, decoded: torch.Tensor, blurry_latent: torch.Tensor, mode: str
-) -> torch.Tensor:
-    """A ``pixel_residual`` prior's image in [-1, 1] (before clamping): the blurry image (in
-    [0, 1]) plus ``decoded`` (a :func:`decoded_image`) minus the decoding of the blurry image's
-    own latent, B + dec(z) − dec(z_B). The sampler computes the same per decoding tile."""
-    return blurry * 2 - 1 + decoded - decoded_image(model, blurry_latent, mode)
-
-
-def to_blurry_size(model: PriorModel, decoded: torch.Tensor, mode: str) -> torch.Tensor:
-    """A VQ decoding brought to the blurry image's size: area-downsampled by the VQ factor in
-    ``full`` mode (whose latent has the blurry image's size), unchanged in ``quarter`` mode."""
-    return F.avg_pool2d(decoded, model.config.vq_factor) if mode == "full" else decoded
-
-
-def vq_autoencoder_reconstruction(
-    model: PriorModel, sharp: torch.Tensor, mode: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VQGAN's reconstruction (in [-1, 1], the sharp image's size) of the sharp image and its
-    codebook/commitment loss (which is what moves the codebook); gradients reach encoder,
-    codebook and decoder.
-
-    The autoencoder learns the images it will decode in ``mode``: in ``quarter`` mode the sharp
-    image itself; in ``full`` mode its 4x upsampled copy, whose decoding is area-downsampled
-    back exactly as a sampled prior is (:func:`vq_decoder_reconstruction`, the sampler)."""
-    decoded = model.vqvae.decode(vq_latent(model, sharp, mode))
-    return to_blurry_size(model, decoded.sample, mode), decoded.commit_loss
+        prediction = unet(torch.cat([noisy, condition], dim=1), timesteps).sample
+        estimate = codec.to_vq_latent(clean_latent_estimate(scheduler, noisy, prediction, timesteps), blurry_latent)
+    return codec.prior_image(estimate, blurry, blurry_latent)
 
 
 @torch.no_grad()
-def estimate_latent_scale(model: PriorModel, batches: list[tuple[torch.Tensor, torch.Tensor]], mode: str) -> float:
-    """LDM's ``scale_by_std``: 1 / standard deviation of the unscaled diffusion targets (the
-    sharp latents, or their residuals over the blurry latents) of (blurry, sharp) batches."""
-    unscaled = model.config.latent_scale
-    latents = [latent_target_and_condition(model, blurry, sharp, mode)[0] / unscaled for blurry, sharp in batches]
+def estimate_latent_scale(codec: LatentCodec, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """LDM's ``scale_by_std`` (Rombach et al., 2022): 1 / standard deviation of the unscaled
+    diffusion targets (the sharp latents, or their residuals over the blurry latents) of
+    (blurry, sharp) batches."""
+    latents = [codec.target_and_condition(blurry, sharp)[0] / codec.latent_scale for blurry, sharp in batches]
     return float(1.0 / torch.cat([latent.flatten() for latent in latents]).std().clamp_min(1e-8))
 
 

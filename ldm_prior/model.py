@@ -2,7 +2,8 @@
 seeing the blurry condition, a ``VQModel`` first stage (f = 4) and the DDPM/DDIM noise schedule.
 
 Named configurations (:data:`NAMED_CONFIGS`): ``ldm-sr4x`` is the architecture of the public
-LDM 4x super-resolution model (SPEC 7.3, the authors' starting point); ``small`` trains on a CPU
+LDM 4x super-resolution model (CompVis ``ldm-super-resolution-4x-openimages``, Rombach et al.,
+2022), the authors' starting point; ``small`` trains on a CPU
 in minutes; ``tiny`` is for tests. A model is saved and loaded in the diffusers layout
 (``unet/``, ``vqvae/``, ``scheduler/``) plus ``prior_config.json`` holding the typed config.
 """
@@ -49,7 +50,8 @@ class VQSpec(BaseModel):
 
 
 class SchedulerSpec(BaseModel):
-    """The DDPM training schedule, shared by DDIM sampling (SPEC 4)."""
+    """The DDPM training schedule (Ho et al., 2020), shared by DDIM sampling (Song et al., 2021);
+    the defaults are the LDM super-resolution model's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -87,9 +89,10 @@ class PriorConfig(BaseModel):
     latent_target: Literal["sharp", "residual"] = "sharp"
     # How a "residual" prior's latent becomes an image. False: decoded, as LDM does. True: the
     # blurry image plus the change the residual makes to the decoding, B + dec(z_B + r) − dec(z_B)
-    # (ldm_prior.finetune.decoded_image). A zero residual then gives back the blurry image itself
-    # rather than its VQGAN reconstruction, which cost a briefly trained VQGAN 0.3–0.7 dB
-    # (docs/measurements_2026-11-21.md, seventh session). Decodes twice.
+    # (ldm_prior.codec.LatentCodec.pixel_residual_image). A zero residual then gives back the
+    # blurry image itself rather than its VQGAN reconstruction, which cost the 4500-step VQGAN of
+    # configs/prior/cpu_small_vq.yaml 0.3–0.7 dB PSNR on synthetic motion and defocus test images
+    # (docs/measurements/stage_one_prior.md, measured 2026-11-21). Decodes twice.
     pixel_residual: bool = False
 
     @model_validator(mode="after")

@@ -1,10 +1,12 @@
-"""Prior sampling: DDIM with T steps and eta, one seed per image, in the two conditioning modes,
-over overlapping latent tiles with blended seams so that memory is bounded by the tile batch.
+"""Prior sampling: DDIM (Song et al., 2021, "Denoising diffusion implicit models") with T steps
+and eta, one seed per image, in the two conditioning modes, over overlapping latent tiles with
+blended seams so that memory is bounded by the tile batch.
 
 ``full`` (the authors' code): the blurry image is the condition, the latent has its size, the
 VQ decoder returns ``f`` times the size, and the result is area-downsampled back.
 ``quarter``: the blurry image area-downsampled ``f`` times is the condition (the LDM SR model's
-native task); the decoder returns the original size directly.
+native task); the decoder returns the original size directly. Encoding and decoding are the
+model's :class:`~ldm_prior.codec.LatentCodec`, the same as in training.
 
 Tiles: at every DDIM step the UNet runs on overlapping latent tiles (``tile``/``tile_stride``,
 ``tile_batch`` tiles per forward pass) and the noise predictions are blended with triangular
@@ -38,12 +40,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ldm_prior.finetune import decoded_image, to_blurry_size, to_vq_latent, vq_latent
+from ldm_prior.codec import CONDITIONING_MODES, ConditioningMode, LatentCodec
 from ldm_prior.model import PriorModel
+from swintormer.core.padding import pad_to_multiple
 from swintormer.core.tiling import OverlapAccumulator, triangle_weights, window_starts
 
-ConditioningMode = Literal["full", "quarter"]
-CONDITIONING_MODES: tuple[str, ...] = ("full", "quarter")
 TimestepSpacing = Literal["leading", "trailing"]
 TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "trailing")
 
@@ -111,16 +112,6 @@ def _round_up(value: int, multiple: int) -> int:
     return int(math.ceil(value / multiple) * multiple)
 
 
-def _pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    pad_h, pad_w = height - image.shape[-2], width - image.shape[-1]
-    if pad_h == 0 and pad_w == 0:
-        return image
-    # Mirror padding keeps the border statistics natural; it needs the pad to be smaller than
-    # the image, so tiny images fall back to edge replication.
-    mode = "reflect" if pad_h < image.shape[-2] and pad_w < image.shape[-1] else "replicate"
-    return F.pad(image, (0, pad_w, 0, pad_h), mode=mode)
-
-
 def _tiled_apply(
     source: torch.Tensor,
     tile: int,
@@ -162,11 +153,16 @@ class PriorSampler:
     def device(self) -> torch.device:
         return next(self.model.unet.parameters()).device
 
+    @property
+    def codec(self) -> LatentCodec:
+        """The model's latent codec in the sampling mode."""
+        return LatentCodec.for_model(self.model, self.settings.mode)
+
     @torch.inference_mode()
     def sample(self, blurry: np.ndarray | torch.Tensor, seed: int, progress: bool = False) -> np.ndarray:
         """The prior of one blurry image (H x W x 3 float in [0, 1]) as float32 H x W x 3 in [0, 1]."""
         height, width = np.shape(blurry)[:2]
-        config, settings = self.model.config, self.settings
+        config, settings, codec = self.model.config, self.settings, self.codec
         dtype = next(self.model.vqvae.parameters()).dtype
         latents, blurry_latent, padded = self._sample(blurry, seed, progress)
         channels = config.vqvae.latent_channels
@@ -177,11 +173,10 @@ class PriorSampler:
             if config.pixel_residual:
                 # The change the residual makes to the decoding; the blurry image is added after
                 # blending (blending is linear, so that is the same as adding it per tile).
-                decoded, base = (decoded_image(self.model, part.to(dtype), settings.mode).float()
-                                 for part in tiles.split(channels, dim=1))
+                decoded, base = (codec.decode(part.to(dtype)).float() for part in tiles.split(channels, dim=1))
                 return decoded - base
-            decoded = self.model.vqvae.decode(tiles.to(dtype)).sample.float().clamp(-1, 1)
-            return to_blurry_size(self.model, decoded, settings.mode)
+            # Clamped at the decoder's size, before the area downsampling of full mode.
+            return codec.to_blurry_size(codec.vq_decode(tiles.to(dtype)).float().clamp(-1, 1))
 
         source = torch.cat([latents, blurry_latent], dim=1) if config.pixel_residual else latents
         out_scale = 1 if settings.mode == "full" else config.vq_factor
@@ -207,20 +202,16 @@ class PriorSampler:
         pixels = torch.as_tensor(np.asarray(blurry, dtype=np.float32))
         if pixels.ndim != 3 or pixels.shape[2] != self.model.config.image_channels:
             raise ValueError(f"expected an H x W x {self.model.config.image_channels} image, got shape {tuple(pixels.shape)}")
-        height, width = pixels.shape[:2]
-        config, settings, device = self.model.config, self.settings, self.device
+        config, settings, device, codec = self.model.config, self.settings, self.device, self.codec
         dtype = next(self.model.unet.parameters()).dtype
         image = pixels.permute(2, 0, 1)[None].to(device=device, dtype=torch.float32)
-        factor, multiple = config.vq_factor, config.unet_multiple
-
-        if settings.mode == "full":
-            padded = _pad_to(image, _round_up(height, multiple), _round_up(width, multiple))
-            condition = padded
-        else:
-            padded = _pad_to(image, _round_up(height, factor * multiple), _round_up(width, factor * multiple))
-            condition = F.avg_pool2d(padded, factor)
-        condition = (condition * 2 - 1).to(dtype)
-        blurry_latent = self._blurry_latent(padded) if config.latent_target == "residual" else None
+        multiple = config.unet_multiple
+        # The latent (the condition's size) must fit the UNet's down/up path: in quarter mode the
+        # image is downsampled by the VQ factor first. Mirror padding keeps the border statistics
+        # natural; the prior is cropped back to the image's size.
+        padded = pad_to_multiple(image, multiple if settings.mode == "full" else config.vq_factor * multiple)
+        condition = codec.condition(padded).to(dtype)
+        blurry_latent = self._blurry_latent(padded) if codec.residual else None
 
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         latent_shape = (1, config.vqvae.latent_channels, condition.shape[-2], condition.shape[-1])
@@ -245,13 +236,13 @@ class PriorSampler:
                 variance_noise = torch.randn(latent_shape, generator=generator, dtype=torch.float32).to(device)
             latents = scheduler.step(noise_prediction, timestep, latents, eta=settings.eta, variance_noise=variance_noise).prev_sample
 
-        return to_vq_latent(self.model, latents, blurry_latent), blurry_latent, padded
+        return codec.to_vq_latent(latents, blurry_latent), blurry_latent, padded
 
     def _blurry_latent(self, padded: torch.Tensor) -> torch.Tensor:
         """The VQ latent of the (padded) blurry image, which a ``residual`` prior's sample is added
         to; encoded in the decoder's overlapping tiles, so that memory stays bounded by the tile
         batch as for decoding."""
-        settings, factor = self.settings, self.model.config.vq_factor
+        settings, factor, codec = self.settings, self.model.config.vq_factor, self.codec
         dtype = next(self.model.vqvae.parameters()).dtype
         # Tiles are cut on the latent grid: in quarter mode each latent pixel holds its f x f
         # block of image pixels as channels.
@@ -259,7 +250,7 @@ class PriorSampler:
 
         def encode(tiles: torch.Tensor) -> torch.Tensor:
             pixels = tiles if settings.mode == "full" else F.pixel_shuffle(tiles, factor)
-            return vq_latent(self.model, pixels.to(dtype), settings.mode).float()
+            return codec.encode(pixels.to(dtype)).float()
 
         return _tiled_apply(grid, settings.decode_tile, settings.decode_stride, settings.tile_batch, 1, 1,
                             self.model.config.vqvae.latent_channels, encode)

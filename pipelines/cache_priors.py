@@ -112,11 +112,28 @@ def _open_cache(args: argparse.Namespace, expected: dict[str, str] | None = None
         raise UserError(str(exc)) from None
 
 
+def _sampling_settings(args: argparse.Namespace):
+    """The sampler settings the flags ask for; a bad value is a one-line error."""
+    from ldm_prior.sampling import SamplingSettings
+
+    try:
+        return SamplingSettings(
+            steps=args.steps, eta=args.eta, mode=args.mode, timestep_spacing=args.timestep_spacing,
+            tile=args.tile, tile_stride=args.tile_stride,
+            decode_tile=args.decode_tile, decode_stride=args.decode_stride, tile_batch=args.tile_batch,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def _verify(args: argparse.Namespace, images: list[Path]) -> int:
     from swintormer.core.data.paired import image_size
 
-    expected = {"steps": str(args.steps), "eta": repr(float(args.eta)), "mode": args.mode,
-                "timestep_spacing": args.timestep_spacing, "seed": str(args.seed)}
+    # Compared with the flags: the sampler's steps, eta, mode and spacing and the run seed. The
+    # tile settings are not compared with the flags (every entry must still match the manifest's).
+    sampling = _sampling_settings(args).as_metadata()
+    expected = {key: sampling[key] for key in ("steps", "eta", "mode", "timestep_spacing")}
+    expected["seed"] = str(args.seed)
     if args.prior:
         from ldm_prior.model import load_prior
 
@@ -171,19 +188,11 @@ def _export(args: argparse.Namespace, images: list[Path]) -> int:
 def _build(args: argparse.Namespace, images: list[Path]) -> int:
     import torch
 
-    from ldm_prior.sampling import SamplingSettings
     from swintormer.core.distributed import process_state
 
     if args.prior is None:
         raise UserError("--prior is required to build a cache")
-    try:
-        sampling = SamplingSettings(
-            steps=args.steps, eta=args.eta, mode=args.mode, timestep_spacing=args.timestep_spacing,
-            tile=args.tile, tile_stride=args.tile_stride,
-            decode_tile=args.decode_tile, decode_stride=args.decode_stride, tile_batch=args.tile_batch,
-        )
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    sampling = _sampling_settings(args)
     state = process_state()
     threads_before = torch.get_num_threads()
     if state.device.type == "cpu":
@@ -198,7 +207,7 @@ def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling) 
     import torch
     from tqdm.auto import tqdm
 
-    from ldm_prior.cache import CacheSettings, PriorCacheError, PriorCacheWriter, file_sha256, prepare_cache, read_manifest, relative_name
+    from ldm_prior.cache import CacheSettings, PriorCacheError, PriorCacheWriter, file_sha256, prepare_cache, relative_name
     from ldm_prior.model import load_prior
     from ldm_prior.sampling import PriorSampler, image_seed
     from swintormer.core.image_io import ImageReadError, read_image
@@ -218,12 +227,8 @@ def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling) 
     state.wait_for_everyone()
     if failure:
         raise UserError(failure)
-    try:  # every process checks, so none writes into a cache the main process refused
-        found = read_manifest(args.out)["settings"]
-    except PriorCacheError as exc:
-        raise UserError(str(exc)) from None
-    if found != settings.as_metadata():
-        raise UserError(f"{args.out}: existing cache was made with other settings; use another --out")
+    # Every process checks, so none writes into a cache the main process refused.
+    _open_cache(args, settings.as_metadata())
 
     writer = PriorCacheWriter(args.out, args.data, settings)
     sampler = PriorSampler(model, sampling)

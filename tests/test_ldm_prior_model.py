@@ -27,7 +27,7 @@ def _blurry(height: int, width: int) -> np.ndarray:
 
 def test_ldm_sr4x_matches_the_public_model_parameter_counts() -> None:
     model = PriorModel.from_config("ldm-sr4x")
-    assert model.parameter_counts() == {"unet": 113_622_563, "vqvae": 55_322_782}  # SPEC 7.3
+    assert model.parameter_counts() == {"unet": 113_622_563, "vqvae": 55_322_782}  # the public LDM 4x SR model's
     decoder_side = sum(p.numel() for n, p in model.unet.named_parameters()
                        if n.startswith(("up_blocks", "conv_norm_out", "conv_out")))
     assert round(decoder_side / 1e6, 2) == 67.67
@@ -85,7 +85,8 @@ def test_fingerprint_changes_with_any_weight(tiny: PriorModel) -> None:
 
 def test_compvis_key_names_agree_with_diffusers_converters(tiny: PriorModel) -> None:
     """diffusers' converters are an independent reading of the CompVis names; they are right
-    for everything but the UNet attention blocks (SPEC 7.3), which are checked below."""
+    for everything but the UNet attention blocks, which are checked below against CompVis'
+    legacy attention maths."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     original = to_compvis_state_dict(tiny)

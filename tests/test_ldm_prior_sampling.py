@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm_prior.finetune import clean_latent_estimate, decoded_image, vq_latent
+from ldm_prior.codec import LatentCodec
+from ldm_prior.finetune import clean_latent_estimate
 from ldm_prior.model import PriorModel
 from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed
 
@@ -134,14 +135,14 @@ def test_residual_prior_decodes_its_sample_plus_the_blurry_latent(tiny: PriorMod
         timestep = torch.tensor([999])
         prediction = tiny.unet(torch.cat([noise, condition * 2 - 1], dim=1), timestep).sample
         latent = clean_latent_estimate(tiny.ddim_scheduler(), noise, prediction, timestep) / config.latent_scale
-        decoded = tiny.vqvae.decode(latent + vq_latent(tiny, pixels, mode)).sample.clamp(-1, 1)
+        decoded = tiny.vqvae.decode(latent + LatentCodec.for_model(tiny, mode).encode(pixels)).sample.clamp(-1, 1)
     if mode == "full":
         decoded = F.avg_pool2d(decoded, config.vq_factor)
     by_hand = ((decoded + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy()
     assert np.abs(prior - by_hand).max() < 1e-5
     # The latent decoded is the same DDIM result plus the blurry image's latent.
     added = PriorSampler(residual, settings).sample_latent(image, seed=3) - PriorSampler(tiny, settings).sample_latent(image, seed=3)
-    torch.testing.assert_close(added, vq_latent(tiny, pixels, mode), atol=1e-5, rtol=0)
+    torch.testing.assert_close(added, LatentCodec.for_model(tiny, mode).encode(pixels), atol=1e-5, rtol=0)
 
     tiles = {"decode_tile": 16, "decode_stride": 8} if mode == "full" else {"decode_tile": 4, "decode_stride": 2}
     tiled = PriorSampler(residual, SamplingSettings(steps=1, mode=mode, timestep_spacing="trailing", tile=4096, **tiles))
@@ -163,8 +164,9 @@ def test_pixel_residual_prior_adds_the_decoded_change_to_the_blurry_image(tiny: 
     prior = sampler.sample(image, seed=3)
 
     pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
+    codec = LatentCodec.for_model(tiny, mode)
     with torch.no_grad():
-        change = decoded_image(tiny, sampler.sample_latent(image, seed=3), mode) - decoded_image(tiny, vq_latent(tiny, pixels, mode), mode)
+        change = codec.decode(sampler.sample_latent(image, seed=3)) - codec.decode(codec.encode(pixels))
     by_hand = (pixels + change / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy()
     assert np.abs(prior - by_hand).max() < 1e-5
     plain = PriorSampler(PriorModel(config.model_copy(update={"pixel_residual": False}), unet=tiny.unet, vqvae=tiny.vqvae),

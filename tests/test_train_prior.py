@@ -9,23 +9,20 @@ import numpy as np
 import pytest
 import torch
 
+from ldm_prior.codec import LatentCodec
 from ldm_prior.finetune import (
     UNET_DECODER_PATTERNS,
     VQ_DECODER_PATTERNS,
     clean_latent_estimate,
-    decoded_image,
     noise_prediction_loss,
     prediction_target,
     estimate_latent_scale,
-    latent_target_and_condition,
     select_trainable,
-    to_vq_latent,
-    vq_autoencoder_reconstruction,
     vq_decoder_reconstruction,
-    vq_latent,
 )
 from ldm_prior.model import PriorConfig, PriorModel
-from pipelines.train_prior import PriorTrainConfig, PriorTrainer
+from ldm_prior.trainer import PriorTrainer
+from pipelines.train_prior import PriorTrainConfig
 from pipelines.train_prior import main as train_prior
 from swintormer.core.config import ConfigError
 
@@ -78,7 +75,7 @@ def test_frozen_parameters_do_not_change_while_the_rest_trains(objective: str, p
     config = PriorTrainConfig(objective=objective, mode="quarter", loss={"gan": 0.5})
     model = PriorModel.from_config("tiny", seed=0)
     select_trainable(model, patterns)
-    trainer = PriorTrainer(model, config)
+    trainer = PriorTrainer(model, config.objective, config.mode, config.loss)
     before = {name: tensor.clone() for name, tensor in trainer.state_dict().items()}
     trainable = {name for name, p in trainer.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in trainer.parameters() if p.requires_grad], lr=1e-3)
@@ -108,8 +105,9 @@ def test_validation_noise_loss_is_deterministic_with_a_generator() -> None:
     blurry, sharp = _images(2, 32)
     scheduler = model.ddpm_scheduler()
     with torch.no_grad():
-        first = noise_prediction_loss(model, blurry, sharp, "quarter", scheduler, generator=torch.Generator().manual_seed(3))
-        second = noise_prediction_loss(model, blurry, sharp, "quarter", scheduler, generator=torch.Generator().manual_seed(3))
+        codec = LatentCodec.for_model(model, "quarter")
+        first = noise_prediction_loss(model.unet, codec, blurry, sharp, scheduler, generator=torch.Generator().manual_seed(3))
+        second = noise_prediction_loss(model.unet, codec, blurry, sharp, scheduler, generator=torch.Generator().manual_seed(3))
     assert torch.equal(first, second)
 
 
@@ -147,9 +145,11 @@ def test_prediction_type_is_saved_and_drives_training_and_sampling(tmp_path) -> 
     blurry, sharp = _images(2, 32)
     draws = [torch.Generator().manual_seed(3) for _ in range(2)]
     with torch.no_grad():
-        v_loss = noise_prediction_loss(loaded, blurry, sharp, "quarter", loaded.ddpm_scheduler(), generator=draws[0])
+        v_loss = noise_prediction_loss(loaded.unet, LatentCodec.for_model(loaded, "quarter"), blurry, sharp,
+                                       loaded.ddpm_scheduler(), generator=draws[0])
         epsilon = _with_prediction_type("tiny", "epsilon")
-        epsilon_loss = noise_prediction_loss(epsilon, blurry, sharp, "quarter", epsilon.ddpm_scheduler(), generator=draws[1])
+        epsilon_loss = noise_prediction_loss(epsilon.unet, LatentCodec.for_model(epsilon, "quarter"), blurry, sharp,
+                                             epsilon.ddpm_scheduler(), generator=draws[1])
     assert not torch.isclose(v_loss, epsilon_loss)  # same weights, same draws: only the target differs
 
 
@@ -162,7 +162,7 @@ def test_training_config_sets_the_prediction_type_of_a_loaded_prior(tmp_path) ->
         assert kept.config.scheduler.prediction_type == "epsilon"
         switched = load_model(PriorTrainConfig(model={"source": source, "prediction_type": "v_prediction"}))
         assert switched.config.scheduler.prediction_type == "v_prediction"
-        assert PriorTrainer(switched, PriorTrainConfig()).scheduler.config.prediction_type == "v_prediction"
+        assert PriorTrainer(switched).scheduler.config.prediction_type == "v_prediction"
 
 
 def _residual(model: PriorModel) -> PriorModel:
@@ -176,22 +176,23 @@ def test_residual_target_is_the_sharp_latent_minus_the_blurry_one_and_decodes_ba
     model = _residual(sharp_model)
     model.config = model.config.model_copy(update={"latent_scale": 2.5})
     blurry, sharp = _images(2, 32)
+    codec, sharp_codec = LatentCodec.for_model(model, mode), LatentCodec.for_model(sharp_model, mode)
     with torch.no_grad():
-        target, condition = latent_target_and_condition(model, blurry, sharp, mode)
-        sharp_target, sharp_condition = latent_target_and_condition(sharp_model, blurry, sharp, mode)
-        blurry_latent = vq_latent(model, blurry, mode)
-        torch.testing.assert_close(target, (vq_latent(model, sharp, mode) - blurry_latent) * 2.5)
+        target, condition = codec.target_and_condition(blurry, sharp)
+        sharp_target, sharp_condition = sharp_codec.target_and_condition(blurry, sharp)
+        blurry_latent = codec.encode(blurry)
+        torch.testing.assert_close(target, (codec.encode(sharp) - blurry_latent) * 2.5)
         torch.testing.assert_close(condition, sharp_condition)  # the condition does not change
         # A blurry image that is already sharp has nothing left to generate.
-        assert latent_target_and_condition(model, sharp, sharp, mode)[0].abs().max() == 0
+        assert codec.target_and_condition(sharp, sharp)[0].abs().max() == 0
         # Decoding adds the blurry latent back: the exact target decodes to the sharp latent.
-        torch.testing.assert_close(to_vq_latent(model, target, blurry_latent), sharp_target, atol=1e-5, rtol=0)
+        torch.testing.assert_close(codec.to_vq_latent(target, blurry_latent), sharp_target, atol=1e-5, rtol=0)
         with pytest.raises(ValueError, match="blurry image's latent"):
-            to_vq_latent(model, target, None)
+            codec.to_vq_latent(target, None)
         # The latent scale is estimated on what the diffusion generates: the residuals.
-        scale = estimate_latent_scale(model, [(blurry, sharp)], mode)
+        scale = estimate_latent_scale(codec, [(blurry, sharp)])
         assert scale == pytest.approx(1 / float((target / 2.5).std()), rel=1e-4)
-        assert scale > 1.5 * estimate_latent_scale(sharp_model, [(blurry, sharp)], mode)
+        assert scale > 1.5 * estimate_latent_scale(sharp_codec, [(blurry, sharp)])
 
 
 @pytest.mark.parametrize("min_timestep, max_timestep", [(0, 200), (999, 1000)])
@@ -201,11 +202,11 @@ def test_vq_decoder_objective_decodes_the_residual_estimate_with_the_blurry_late
     """(999, 1000) is the one-step trailing sampler's timestep: the decoder learns its estimates."""
     model = _residual(PriorModel.from_config("tiny", seed=0)).eval()
     blurry, sharp = _images(2, 32)
-    scheduler = model.ddpm_scheduler()
+    scheduler, codec = model.ddpm_scheduler(), LatentCodec.for_model(model, "full")
     with torch.no_grad():
-        decoded = vq_decoder_reconstruction(model, blurry, sharp, "full", scheduler, max_timestep,
+        decoded = vq_decoder_reconstruction(model.unet, codec, blurry, sharp, scheduler, max_timestep,
                                             torch.Generator().manual_seed(5), min_timestep=min_timestep)
-        latents, condition = latent_target_and_condition(model, blurry, sharp, "full")
+        latents, condition = codec.target_and_condition(blurry, sharp)
         generator = torch.Generator().manual_seed(5)
         timesteps = torch.randint(min_timestep, max_timestep, (2,), generator=generator)
         if min_timestep == 999:
@@ -213,7 +214,7 @@ def test_vq_decoder_objective_decodes_the_residual_estimate_with_the_blurry_late
         noise = torch.randn(latents.shape, generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         estimate = clean_latent_estimate(scheduler, noisy, model.unet(torch.cat([noisy, condition], 1), timesteps).sample, timesteps)
-        by_hand = model.vqvae.decode(estimate / model.config.latent_scale + vq_latent(model, blurry, "full")).sample
+        by_hand = model.vqvae.decode(estimate / model.config.latent_scale + codec.encode(blurry)).sample
     torch.testing.assert_close(decoded, torch.nn.functional.avg_pool2d(by_hand, 4))
 
 
@@ -225,10 +226,12 @@ def test_pixel_residual_objective_adds_the_decoded_change_to_the_blurry_image() 
     blurry, sharp = _images(2, 32)
     scheduler = model.ddpm_scheduler()
     select_trainable(model, VQ_DECODER_PATTERNS)
-    restored = vq_decoder_reconstruction(model, blurry, sharp, "full", scheduler, 1000, torch.Generator().manual_seed(5), 999)
+    codec = LatentCodec.for_model(model, "full")
+    restored = vq_decoder_reconstruction(model.unet, codec, blurry, sharp, scheduler, 1000, torch.Generator().manual_seed(5), 999)
     with torch.no_grad():
-        plain = vq_decoder_reconstruction(residual, blurry, sharp, "full", scheduler, 1000, torch.Generator().manual_seed(5), 999)
-        base = decoded_image(model, vq_latent(model, blurry, "full"), "full")
+        plain = vq_decoder_reconstruction(residual.unet, LatentCodec.for_model(residual, "full"), blurry, sharp, scheduler,
+                                          1000, torch.Generator().manual_seed(5), 999)
+        base = codec.decode(codec.encode(blurry))
         torch.testing.assert_close(restored, blurry * 2 - 1 + plain - base)
     restored.abs().mean().backward()
     assert model.vqvae.decoder.conv_out.weight.grad.abs().sum() > 0
@@ -259,10 +262,10 @@ def test_full_mode_autoencoder_goes_up_four_times_and_back_like_a_prior() -> Non
     model = PriorModel.from_config("tiny", seed=0).eval()
     _, sharp = _images(1, 16)
     with torch.no_grad():
-        restored, _ = vq_autoencoder_reconstruction(model, sharp, "full")
+        restored, _ = LatentCodec.for_model(model, "full").reconstruct(sharp)
         upsampled = torch.nn.functional.interpolate(sharp, scale_factor=4, mode="bicubic").clamp(0, 1) * 2 - 1
         by_hand = torch.nn.functional.avg_pool2d(model.vqvae.decode(model.vqvae.encode(upsampled).latents).sample, 4)
-        quarter, _ = vq_autoencoder_reconstruction(model, sharp, "quarter")
+        quarter, _ = LatentCodec.for_model(model, "quarter").reconstruct(sharp)
     assert restored.shape == sharp.shape == quarter.shape
     torch.testing.assert_close(restored, by_hand)
     assert not torch.allclose(restored, quarter)
@@ -334,7 +337,7 @@ def test_every_shipped_prior_config_validates(path: Path) -> None:
 
 def test_validation_scores_a_pixel_residual_prior_by_what_a_perfect_residual_gives() -> None:
     """vq_psnr of a pixel-residual prior: B + dec(z_S) − dec(z_B) against S, not dec(z_S)."""
-    from pipelines.train_prior import make_validation
+    from ldm_prior.trainer import make_validation
     from swintormer.core.metrics import psnr
 
     residual = _residual(PriorModel.from_config("tiny", seed=0)).eval()
@@ -343,10 +346,10 @@ def test_validation_scores_a_pixel_residual_prior_by_what_a_perfect_residual_giv
     dataset = [{"input": blurry[0], "target": sharp[0], "name": "a.png"}]
     config = PriorTrainConfig(validation={"crop": 32, "noise_draws": 1})
     with torch.no_grad():
-        scores = {name: make_validation(config, dataset)(PriorTrainer(model, config), 0)["vq_psnr"]
+        scores = {name: make_validation(dataset, config.mode, config.validation)(PriorTrainer(model, mode=config.mode), 0)["vq_psnr"]
                   for name, model in (("plain", residual), ("pixel", pixel))}
-        change = (decoded_image(pixel, vq_latent(pixel, sharp, "full"), "full")
-                  - decoded_image(pixel, vq_latent(pixel, blurry, "full"), "full"))
+        codec = LatentCodec.for_model(pixel, "full")
+        change = codec.decode(codec.encode(sharp)) - codec.decode(codec.encode(blurry))
     by_hand = psnr(((blurry * 2 - 1 + change + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy(), sharp[0].permute(1, 2, 0).numpy())
     assert scores["pixel"] == pytest.approx(by_hand, abs=1e-3)
     assert abs(scores["pixel"] - scores["plain"]) > 0.5
