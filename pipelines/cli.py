@@ -1,6 +1,6 @@
 """The ``swintormer`` console script: one command with a subcommand per pipeline.
 
-``swintormer deblur ...`` runs ``pipelines.deblur``, ``swintormer train ...`` runs
+``swintormer deblur ...`` runs ``pipelines.deblur``, ``swintormer app`` ``pipelines.app``, ``swintormer train ...`` runs
 ``pipelines.train_swintormer`` and so on. Each pipeline module exposes ``main(argv) -> int``;
 modules are imported only when their subcommand is used so that ``--help`` stays fast.
 """
@@ -13,6 +13,7 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "deblur": ("pipelines.deblur", "deblur images with sliding-window inference"),
+    "app": ("pipelines.app", "a local web page to deblur photos (drop, compare, download)"),
     "evaluate": ("pipelines.evaluate", "score restored images against targets (PSNR, SSIM, MAE, LPIPS)"),
     "train": ("pipelines.train_swintormer", "train the Swintormer network (stage two)"),
     "train-prior": ("pipelines.train_prior", "fine-tune the latent-diffusion prior (stage one)"),

@@ -13,6 +13,14 @@ indices into the naturally sorted list of the test targets (the convention of th
 publish DPDD numbers). They are looked for in the ``--target`` folder and its parent, or given
 with ``--labels-dir``.
 
+SSIM uses a 7×7 window (scikit-image's default, the published protocol); an image pair smaller
+than 7 pixels on a side has no SSIM: its ``ssim`` is ``null`` in the report, it is listed under
+``ssim_unavailable``, and the mean SSIM is taken over the other images (``ssim_count`` says how
+many). Its PSNR and MAE are scored as usual.
+
+The ``--report`` path is checked before anything is scored: its folder is created and a file is
+created in it and removed, so an unwritable report fails at once (exit status 2).
+
 Exit status: 0 when every target was scored; 1 when some file could not be read, a pair had
 different sizes or a target had no restored image (those are listed, the rest is still scored
 and reported); 2 for usage errors (missing folder, nothing to score).
@@ -25,6 +33,7 @@ import json
 import math
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +45,7 @@ from swintormer.core.image_io import ImageReadError, list_images, read_image
 from swintormer.core.metrics import PSNR_CAP_DB, LPIPSMetric, LPIPSWeightsMissing, mae, psnr, ssim
 
 METRIC_NAMES = ("psnr", "ssim", "mae", "lpips")
+SSIM_WINDOW = 7  # skimage.metrics.structural_similarity's default win_size
 LABEL_FILES = {"indoor": "indoor_labels.npy", "outdoor": "outdoor_labels.npy"}
 
 
@@ -67,10 +77,17 @@ class EvaluationResult:
         rows = self.per_image if names is None else [row for row in self.per_image if row["name"] in set(names)]
         result: dict[str, float] = {}
         for metric in METRIC_NAMES:
-            values = [row[metric] for row in rows if metric in row]
-            if values and len(values) == len(rows):
+            values = [row[metric] for row in rows if row.get(metric) is not None]
+            if metric == "ssim":  # images below SSIM's window have none: the mean is over the others
+                if values:
+                    result[metric] = float(np.mean(values))
+            elif values and len(values) == len(rows):
                 result[metric] = float(np.mean(values))
         return result
+
+    @property
+    def ssim_unavailable(self) -> list[str]:
+        return [row["name"] for row in self.per_image if row.get("ssim") is None]
 
 
 def resolve_target_folder(target: Path) -> Path:
@@ -159,7 +176,8 @@ def evaluate_folders(
             "restored": str(restored_path),
             "target": str(target_path),
             "psnr": psnr(restored_image, target_image),
-            "ssim": ssim(restored_image, target_image),
+            # None below SSIM's window (module docstring)
+            "ssim": ssim(restored_image, target_image) if min(target_image.shape[:2]) >= SSIM_WINDOW else None,
             "mae": mae(restored_image, target_image),
         }
         if lpips_metric is not None:
@@ -180,12 +198,15 @@ def build_report(result: EvaluationResult, restored_dir: Path, target_dir: Path)
         "target_dir": str(target_dir),
         "protocol": {
             "psnr": f"10*log10(1/MSE) on [0,1] floats; identical images reported as {PSNR_CAP_DB}",
-            "ssim": "skimage.metrics.structural_similarity, data_range=1, channel_axis=-1",
+            "ssim": "skimage.metrics.structural_similarity, data_range=1, channel_axis=-1; null for images "
+                    f"smaller than its {SSIM_WINDOW}x{SSIM_WINDOW} window, the mean taken over the others",
             "mae": "mean absolute error on [0,1] floats",
             "lpips": "LPIPS v0.1 AlexNet, inputs [0,1] mapped to [-1,1]",
         },
         "count": len(result.per_image),
         "mean": result.means(),
+        "ssim_count": len(result.per_image) - len(result.ssim_unavailable),
+        "ssim_unavailable": result.ssim_unavailable,
         "per_image": result.per_image,
         "errors": result.errors,
         "missing_restored": result.missing_restored,
@@ -226,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Score restored images against sharp targets, matched by file stem, with the DPDD "
             "protocol: PSNR (10*log10(1/MSE) on [0,1]), SSIM (scikit-image, data_range 1, over "
             "colour channels), MAE and LPIPS (AlexNet). Prints a table and writes a JSON report. "
+            "Images smaller than SSIM's 7x7 window get no SSIM (null; the mean is over the others). "
             "Exit status 1 when some file could not be scored (it is listed; the rest is scored)."
         ),
     )
@@ -234,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", type=Path, required=True,
         help="folder of sharp targets, or a dataset split folder holding a 'target' sub-folder",
     )
-    parser.add_argument("--report", type=Path, default=None, help="write the JSON report here (atomically)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="write the JSON report here (atomically; checked writable before scoring)")
     parser.add_argument(
         "--lpips-alexnet", type=Path, default=None,
         help="torchvision AlexNet ImageNet weights (.pth or .safetensors) for LPIPS; default: the "
@@ -251,9 +274,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_report_writable(report: Path) -> None:
+    """Create the report's folder and prove a file can be created in it (before any scoring)."""
+    if report.is_dir():
+        raise UsageError(f"--report {report} is a folder; give a file name")
+    try:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=report.parent):
+            pass
+    except OSError as error:
+        raise UsageError(f"cannot write the report {report} ({error.strerror or error})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.report is not None:
+            check_report_writable(args.report)
         target_dir = resolve_target_folder(args.target)
         lpips_metric = None
         lpips_note = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipelines import deblur
 from swintormer.core.image_io import quantize, read_image, write_image
@@ -85,11 +87,19 @@ def test_outputs_keep_name_and_bit_depth_and_hold_the_tiled_result(
 
     assert code == 0, err
     assert "wrote 2 of 2" in out
-    deep, photo = read_samples(tmp_path / "out" / "deep.png"), read_samples(tmp_path / "out" / "photo.png")
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["deep.png", "photo.jpg"]
+    deep = read_samples(tmp_path / "out" / "deep.png")
     assert deep.dtype == np.uint16 and deep.shape == (90, 150, 3)
-    assert photo.dtype == np.uint8 and photo.shape == (60, 70, 3)
     np.testing.assert_array_equal(deep, expected_output(model_dir, inputs / "deep.png", 16, stride=100))
-    np.testing.assert_array_equal(photo, expected_output(model_dir, inputs / "photo.jpg", 8, stride=100))
+    # JPEG in, JPEG out: the expected pixels encoded by Pillow at quality 95 with the input's
+    # 4:2:0 subsampling (OpenCV's default) decode to exactly what the command wrote.
+    with Image.open(tmp_path / "out" / "photo.jpg") as written:
+        assert written.format == "JPEG" and written.mode == "RGB" and written.size == (70, 60)
+        photo = np.asarray(written)
+    buffer = io.BytesIO()
+    Image.fromarray(expected_output(model_dir, inputs / "photo.jpg", 8, stride=100)).save(
+        buffer, "JPEG", quality=95, subsampling=2)
+    np.testing.assert_array_equal(photo, np.asarray(Image.open(buffer)))
     assert {path.name: digest(path) for path in inputs.iterdir()} == before  # inputs untouched
 
 
@@ -272,12 +282,12 @@ def test_an_output_that_would_overwrite_an_input_file_is_refused(
     cv2.imwrite(str(other), (random_pixels(20, 20, 9) * 255).astype(np.uint8))
     before = digest(source)
     code, _, err = run([str(source), str(other), "--output", str(tmp_path), "--model", str(model_dir),
-                        "--tile", str(TILE)], capsys)
+                        "--tile", str(TILE), "--format", "png"], capsys)
     assert code == 1
     [line] = error_lines(err)
     assert str(source) in line and "would overwrite an input" in line
     assert digest(source) == before
-    assert (tmp_path / "y.png").is_file()  # y.jpg → y.png overwrites nothing
+    assert (tmp_path / "y.png").is_file()  # y.jpg → y.png (--format png) overwrites nothing
 
 
 # ---------------------------------------------------------------------------------------------

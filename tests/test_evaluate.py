@@ -128,3 +128,62 @@ def test_usage_errors_and_console_dispatch(folders, capsys):
         main(["--help"])
     assert info.value.code == 0
     assert "DPDD" in capsys.readouterr().out
+
+
+def test_images_below_the_ssim_window_are_scored_without_ssim(folders, capsys):
+    tmp_path, target_dir, restored_dir = folders
+    rng = np.random.default_rng(5)
+    sharp = rng.random((5, 5, 3))
+    write_image(target_dir / "tiny.png", sharp, bit_depth=16)
+    write_image(restored_dir / "tiny.png", np.clip(sharp + 0.05, 0, 1), bit_depth=16)
+    report_path = tmp_path / "tiny.json"
+    code = main(["--restored", str(restored_dir), "--target", str(target_dir), "--report", str(report_path),
+                 "--quiet", "--no-lpips"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Traceback" not in captured.err and "error" not in captured.err
+    report = json.loads(report_path.read_text())
+    rows = {row["name"]: row for row in report["per_image"]}
+    assert rows["tiny"]["ssim"] is None
+    expected = _direct(restored_dir, target_dir, "img1")
+    tiny_psnr = psnr(read_image(restored_dir / "tiny.png").pixels, read_image(target_dir / "tiny.png").pixels)
+    assert abs(rows["tiny"]["psnr"] - tiny_psnr) < 1e-9 and abs(rows["img1"]["ssim"] - expected["ssim"]) < 1e-9
+    assert report["ssim_unavailable"] == ["tiny"] and report["ssim_count"] == 4 and report["count"] == 5
+    others = [rows[f"img{index}"]["ssim"] for index in range(1, 5)]
+    assert abs(report["mean"]["ssim"] - np.mean(others)) < 1e-9  # the mean over the images that have one
+    assert abs(report["mean"]["psnr"] - np.mean([row["psnr"] for row in rows.values()])) < 1e-9
+
+
+def test_a_5x5_pair_alone_scores_without_traceback(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    sharp = rng.random((5, 5, 3))
+    write_image(tmp_path / "target" / "a.png", sharp)
+    write_image(tmp_path / "restored" / "a.png", sharp)
+    code = main(["--restored", str(tmp_path / "restored"), "--target", str(tmp_path / "target"), "--quiet",
+                 "--no-lpips", "--report", str(tmp_path / "r.json")])
+    captured = capsys.readouterr()
+    assert code == 0 and "Traceback" not in captured.err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["mean"] == {"psnr": 100.0, "mae": 0.0} and report["per_image"][0]["ssim"] is None
+    assert "-" in captured.out.splitlines()[-1]  # the table shows no SSIM
+
+
+def test_an_unwritable_report_fails_before_scoring(folders, capsys, monkeypatch):
+    tmp_path, target_dir, restored_dir = folders
+    import pipelines.evaluate as evaluate
+
+    def must_not_score(*args, **kwargs):
+        raise AssertionError("scored before checking the report")
+
+    monkeypatch.setattr(evaluate, "evaluate_folders", must_not_score)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file where the report's folder should be")
+    code = main(["--restored", str(restored_dir), "--target", str(target_dir), "--quiet", "--no-lpips",
+                 "--report", str(blocker / "reports" / "scores.json")])
+    assert code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: cannot write the report {blocker / 'reports' / 'scores.json'} (")
+    (tmp_path / "folder.json").mkdir()
+    assert main(["--restored", str(restored_dir), "--target", str(target_dir), "--quiet", "--no-lpips",
+                 "--report", str(tmp_path / "folder.json")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --report {tmp_path / 'folder.json'} is a folder; give a file name"

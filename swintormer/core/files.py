@@ -10,6 +10,7 @@ in ``.tmp``, so :func:`remove_stale_temporaries` can clear what a killed writer 
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -96,7 +97,8 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], name: str | None = 
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    pattern = f".{name}.*{TEMPORARY_SUFFIX}" if name else f".*{TEMPORARY_SUFFIX}"
+    # glob.escape: a file name may hold glob characters ("[1].jpg")
+    pattern = f".{glob.escape(name)}.*{TEMPORARY_SUFFIX}" if name else f".*{TEMPORARY_SUFFIX}"
     removed = []
     for stale in folder.glob(pattern):
         if stale.is_dir():
