@@ -149,8 +149,8 @@ def build_model(config: SwintormerTrainConfig):
     from swintormer.models import Swintormer, SwintormerConfig
 
     try:
-        net_config = SwintormerConfig.preset(config.model.preset, **config.model.overrides)
-        net_config = dataclasses.replace(net_config, in_channels=config.model.in_channels)
+        overrides = {**config.model.overrides, "in_channels": config.model.in_channels}
+        net_config = SwintormerConfig.preset(config.model.preset, **overrides)
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"model: {exc}".replace("\n", " ")) from None
     return Swintormer(net_config)

@@ -17,9 +17,8 @@ from swintormer.models.complexity import count_macs
 REPO = Path(__file__).resolve().parents[1]
 
 
-# Both counters run the model in training mode, where every forward computes the position-bias
-# MLP (inference caches it after the first call, which would make the two counts differ by it),
-# and with autograd on, so that both see the plain path rather than CPU inference's oneDNN ops.
+# Both counters run the model with autograd on, so that both see the reference code rather than
+# the CPU inference engine's oneDNN ops (and its position-bias cache) even on a converted model.
 
 
 def _flop_counter_macs(model: torch.nn.Module, x: torch.Tensor) -> int:

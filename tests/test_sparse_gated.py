@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swintormer.models.layers import ChannelLayerNorm
+from swintormer.models.swintormer import ChannelLayerNorm
 from swintormer.models.sparse_gated import (
     DRSFORMER_TOPK_FRACTIONS,
     RELU2_EPS,

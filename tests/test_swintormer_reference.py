@@ -52,7 +52,7 @@ def test_converted_reference_weights_reproduce_reference_output(reference, tmp_p
     model = Swintormer.from_pretrained(model_dir)
     assert model.config == SwintormerConfig.preset("tiny")
     assert _max_error(model, reference["io"]) < TOLERANCE
-    # Inference caches the position bias; the training-mode path recomputes it and must agree.
+    # Training mode (dropout-free) must agree as well.
     model.train()
     with torch.no_grad():
         assert (model(reference["io"]["input"]) - reference["io"]["output"]).abs().max().item() < TOLERANCE

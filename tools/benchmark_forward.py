@@ -8,8 +8,10 @@ Each precision runs in a fresh subprocess so that its peak memory is its own: on
 resident set size (``ru_maxrss``) of that process, reported in total and above the baseline
 measured after the model and input were built; on CUDA ``torch.cuda.max_memory_allocated``.
 Latency is the median of ``--runs`` timed forwards (batch 1 by default) after ``--warmup``
-untimed ones, under ``torch.inference_mode()`` with the model in eval mode. The same run
-measures the fp32 matmul rate (2048² GEMM) so figures from different machines can be compared.
+untimed ones, under ``torch.inference_mode()`` with the model in eval mode. On CPU the model is
+converted by ``swintormer.models.cpu_inference.prepare_for_inference``, as the deblur command
+runs it; ``--reference`` times the unconverted network instead. The same run measures the fp32
+matmul rate (2048² GEMM) so figures from different machines can be compared.
 """
 
 from __future__ import annotations
@@ -55,13 +57,17 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_case(preset: str, precision: str, size: tuple[int, int], batch: int, warmup: int, runs: int, device: str) -> dict:
+def run_case(preset: str, precision: str, size: tuple[int, int], batch: int, warmup: int, runs: int, device: str,
+             reference: bool = False) -> dict:
     """Time one configuration in this process (called in a fresh subprocess by ``main``)."""
     from swintormer.models import Swintormer, SwintormerConfig
+    from swintormer.models.cpu_inference import prepare_for_inference
 
     torch.manual_seed(0)
     config = SwintormerConfig.preset(preset)
     model = Swintormer(config).eval().to(device)
+    if device == "cpu" and not reference:
+        model = prepare_for_inference(model)
     x = torch.rand(batch, config.in_channels, *size, device=device)
     baseline = _peak_rss_mib()
     if device.startswith("cuda"):
@@ -86,6 +92,7 @@ def run_case(preset: str, precision: str, size: tuple[int, int], batch: int, war
     result = {
         "preset": preset,
         "precision": precision,
+        "code": "reference" if reference or device != "cpu" else "cpu_inference",
         "input": [batch, config.in_channels, *size],
         "parameters": sum(p.numel() for p in model.parameters()),
         "latency_median_s": statistics.median(times),
@@ -111,13 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reference", action="store_true",
+                        help="time the reference network, without the CPU inference engine")
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one precision in this process
     args = parser.parse_args(argv)
     size = tuple(args.size)
 
     if args.case:
-        result = run_case(args.preset, args.case, size, args.batch, args.warmup, args.runs, args.device)
+        result = run_case(args.preset, args.case, size, args.batch, args.warmup, args.runs, args.device,
+                          args.reference)
         print(json.dumps(result))
         return 0
 
@@ -138,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for precision in args.precision:
         command = [sys.executable, __file__, "--case", precision, "--preset", args.preset, "--size", *map(str, size),
                    "--batch", str(args.batch), "--warmup", str(args.warmup), "--runs", str(args.runs), "--device", args.device]
+        command += ["--reference"] if args.reference else []
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"error: {precision} case failed:\n{done.stderr.strip()}", file=sys.stderr)
@@ -146,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         report["cases"].append(case)
         memory = case.get("peak_memory_mib", case.get("peak_rss_mib"))
         extra = f" ({case['peak_rss_above_baseline_mib']:.0f} MiB above baseline)" if "peak_rss_mib" in case else ""
-        print(f"{args.preset} {precision}: median {case['latency_median_s']:.3f} s per forward "
+        print(f"{args.preset} {precision} ({case['code']}): median {case['latency_median_s']:.3f} s per forward "
               f"{'×'.join(map(str, case['input']))}, peak memory {memory:.0f} MiB{extra}; "
               f"matmul {case['matmul_gflops']:.1f} GFLOP/s in the same process")
     if args.json:

@@ -69,11 +69,12 @@ def run_case(
     sys.path.insert(0, str(REPO_ROOT))
     from swintormer.inference import SlidingWindowInferencer
     from swintormer.models import Swintormer, SwintormerConfig
+    from swintormer.models.cpu_inference import prepare_for_inference
 
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = Swintormer(SwintormerConfig.preset(preset)).eval()
+    model = prepare_for_inference(Swintormer(SwintormerConfig.preset(preset)).eval())  # as the deblur command runs it
     channels = model.config.in_channels
     inferencer = SlidingWindowInferencer(
         model, tile=tile, stride=stride, batch_size=batch, precision=precision, progress=progress,

@@ -69,10 +69,11 @@ class _Counter(TorchDispatchMode):
 def count_macs(model: nn.Module, *inputs: torch.Tensor) -> MacCount:
     """Run ``model(*inputs)`` and count its MACs per top-level child module.
 
-    The forward runs with autograd enabled, so that a model takes its plain path: the network's
-    own products, not the CPU-inference fast paths (oneDNN ops with packed weights, whose FFN
-    products are padded to whole vectors). On the ``meta`` device that costs nothing; on real
-    tensors the graph is dropped when the call returns.
+    The forward runs with autograd enabled, so that even a model converted by
+    ``swintormer.models.cpu_inference.prepare_for_inference`` runs the reference code and its
+    own products (the engine's oneDNN products, padded to whole vectors in the FFN, would count
+    differently). On the ``meta`` device that costs nothing; on real tensors the graph is
+    dropped when the call returns.
     """
     result, scope = MacCount(), []
 

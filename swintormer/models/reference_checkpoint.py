@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from swintormer.models.swintormer import Swintormer, SwintormerConfig, check_state_dict
+from swintormer.models.pretrained import check_state_dict
+from swintormer.models.swintormer import Swintormer, SwintormerConfig
 
 # Authors' constructor argument → our config field.
 REFERENCE_ARGUMENTS = {

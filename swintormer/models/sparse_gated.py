@@ -38,8 +38,8 @@ Choices made where the seed paper is silent (each repeated in the docstring it c
   block has no windows and no shift; every block of a stage is the same.
 
 All modules take and return N×C×H×W tensors, like the Swintormer blocks, in either memory
-format; internally they work on channels-last tokens (1×1 convolutions as matrix products),
-which is fastest when the input is already channels-last, as it is inside the network.
+format (the network runs channels-last). ``swintormer.models.cpu_inference`` runs their dense
+convolutions on pre-packed oneDNN weights for CPU inference.
 """
 
 from __future__ import annotations
@@ -51,8 +51,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from swintormer.models.layers import pointwise
 
 __all__ = [
     "DRSFORMER_TOPK_FRACTIONS",
@@ -219,17 +217,15 @@ class TopKChannelAttention(nn.Module):
         )
 
     def _qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v as N×heads×HW×C_head tensors (tokens first, channels last)."""
-        n, c, height, width = x.shape
-        qkv = pointwise(self.qkv, x.permute(0, 2, 3, 1))  # N×H×W×3C
-        qkv = self.qkv_dwconv(qkv.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(n, height * width, 3 * c)
-        q, k, v = (part.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for part in qkv.chunk(3, dim=-1))
+        """q, k, v as N×heads×C_head×HW tensors."""
+        qkv = self.qkv_dwconv(self.qkv(x)).flatten(2)  # N×3C×HW
+        q, k, v = (part.unflatten(1, (self.num_heads, -1)) for part in qkv.chunk(3, dim=1))
         return q, k, v
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        q = F.normalize(q, dim=-2)  # along the spatial (token) axis
-        k = F.normalize(k, dim=-2)
-        return (q.transpose(-2, -1) @ k) * self.temperature
+        q = F.normalize(q, dim=-1)  # along the spatial (token) axis
+        k = F.normalize(k, dim=-1)
+        return (q @ k.transpose(-2, -1)) * self.temperature
 
     def _weights_per_count(self, scores: torch.Tensor) -> list[torch.Tensor]:
         return [
@@ -248,17 +244,18 @@ class TopKChannelAttention(nn.Module):
         q, k, _ = self._qkv_heads(x)
         return self._weights_per_count(self._scores(q, k))
 
+    def combined_map(self, scores: torch.Tensor) -> torch.Tensor:
+        """The per-head map applied to v: the top-k maps summed with their learned scalars."""
+        maps = self._weights_per_count(scores)
+        if self.topk_weights is None:
+            return maps[0]
+        return sum(weight * attention for weight, attention in zip(self.topk_weights, maps))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, height, width = x.shape
         q, k, v = self._qkv_heads(x)
-        maps = self._weights_per_count(self._scores(q, k))
-        if self.topk_weights is None:
-            combined = maps[0]
-        else:
-            combined = sum(weight * attention for weight, attention in zip(self.topk_weights, maps))
-        out = v @ combined.transpose(-2, -1)  # N×heads×HW×C_head: row c of the map mixes v's channels
-        out = out.transpose(1, 2).reshape(n, height, width, c)
-        return pointwise(self.project_out, out).permute(0, 3, 1, 2)
+        out = self.combined_map(self._scores(q, k)) @ v  # N×heads×C_head×HW: row c of the map mixes v's channels
+        return self.project_out(out.reshape(n, c, height, width))
 
 
 class FrequencyGatedFeedForward(nn.Module):
@@ -340,7 +337,5 @@ class FrequencyGatedFeedForward(nn.Module):
         return filtered[:, :height, :width].to(tokens.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self._frequency_gate_tokens(pointwise(self.project_in, x.permute(0, 2, 3, 1)))
-        features = self.dwconv(features.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        gate, value = features.chunk(2, dim=-1)
-        return pointwise(self.project_out, F.gelu(gate) * value).permute(0, 3, 1, 2)
+        gate, value = self.dwconv(self.frequency_gate(self.project_in(x))).chunk(2, dim=1)
+        return self.project_out(F.gelu(gate) * value)
