@@ -19,6 +19,7 @@ from pipelines import deblur
 from swintormer.core.image_io import quantize, read_image, write_image
 from swintormer.inference import SlidingWindowInferencer
 from swintormer.models import Swintormer, SwintormerConfig
+from swintormer.models.cpu_inference import prepare_for_inference
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TILE = 128  # the tiny preset pads to multiples of 128: smaller windows would only cost more
@@ -110,7 +111,8 @@ def test_whole_runs_each_image_in_one_forward(model_dir: Path, tmp_path: Path, c
     code, _, err = run([str(source), "--output", str(tmp_path / "out"), "--model", str(model_dir), "--whole"], capsys)
 
     assert code == 0, err
-    model = Swintormer.from_pretrained(model_dir).eval()
+    # The command runs the CPU engine's modules; so does the direct forward it is held to.
+    model = prepare_for_inference(Swintormer.from_pretrained(model_dir).eval())
     with torch.no_grad():
         direct = model(torch.from_numpy(read_image(source).pixels).permute(2, 0, 1)[None])[0].permute(1, 2, 0)
     np.testing.assert_array_equal(read_samples(tmp_path / "out" / "wide.png"), quantize(direct.numpy(), 16))
