@@ -23,7 +23,17 @@ peak resident memory are recorded:
 5. **Cost**: parameters, GMACs at 256×256 (``swintormer.models.complexity``), and seconds per
    megapixel and peak memory of sliding-window inference measured in a fresh process per
    architecture; the prior's sampling time per megapixel from the cache job.
-6. **Speed table**: ``tools/benchmark_forward.py`` for the ``paper`` preset and the deblur command
+6. **Default model by kind of degradation** (``tools/evaluate_default_model.py``): the shipped
+   default model (and, with ``--previous-default DIR``, the one it replaced) on fixed degraded
+   sets of the real-photo corpus' test split (``--photo-corpus``, made by
+   ``tools/make_photo_corpus.py``): uniform and varying defocus, motion, sharp photos with noise
+   and clean, next to the blurry input and Wiener / Richardson–Lucy with the true kernels, plus
+   the bokeh texture ratio on real out-of-focus backgrounds and a contact sheet
+   (``docs/default_model_contact_sheet.png`` for the full profile). The step runs whenever the
+   corpus folder exists, in the quick profile on 96-px crops with one defocus radius; without
+   the corpus it is left out and the report says so (the corpus is built from Debian packages
+   and scikit-image, so CI, which runs ``--quick``, does not need it).
+7. **Speed table**: ``tools/benchmark_forward.py`` for the ``paper`` preset and the deblur command
    with the ``paper`` network (random weights) on a 1680×1120 and a 3840×2160 image, fp32 and
    bf16, with the fp32 matmul rate measured just before each.
 
@@ -85,6 +95,7 @@ class Profile:
     forward_runs: int
     deblur_sizes: tuple[tuple[int, int], ...]  # (width, height) for the speed table
     records: bool  # also run the other issues' measurement tools
+    default_eval_options: tuple[str, ...] = ()  # extra options of tools/evaluate_default_model.py
 
 
 PROFILES = {
@@ -103,6 +114,7 @@ PROFILES = {
         prior_unet_config="configs/benchmark/prior_unet_quick.yaml",
         prior_steps=(2, 4), headline_steps=4, seeds=(0,), strides=(24, 16),
         speed_image=128, forward_runs=2, deblur_sizes=((384, 256),), records=False,
+        default_eval_options=("--crop", "96", "--radii", "4", "--sheet-tile", "64"),
     ),
 }
 
@@ -470,6 +482,23 @@ def run_references(bench: Bench, profile: Profile, caches: dict[int, dict[str, P
     return results
 
 
+def default_model_by_kind(bench: Bench, profile: Profile, corpus: Path, previous: Path | None) -> dict[str, Any] | None:
+    """The shipped default model (and the previous default, if given) by kind of degradation on
+    the photo corpus' test split (``tools/evaluate_default_model.py``); None without the corpus."""
+    if not (corpus / "manifest.json").is_file():
+        return None
+    out = bench.work / "default_by_kind"
+    sheet = (REPO_ROOT / "docs" / "default_model_contact_sheet.png" if profile.name == "full"
+             else out / "contact_sheet.png")
+    command = [PYTHON, "tools/evaluate_default_model.py", "--corpus", str(corpus), "--out", str(out),
+               "--model", f"shipped={REPO_ROOT / 'swintormer' / 'weights' / 'default'}", "--sheet", str(sheet)]
+    if previous is not None:
+        command += ["--model", f"previous={previous}"]
+    record = bench.run("default_by_kind", [*command, *profile.default_eval_options, "--quiet"])
+    report = json.loads((out / "report.json").read_text())
+    return {"command": record["command"], "seconds": record["seconds"], "report": report}
+
+
 def prior_sampling_cost(bench: Bench, profile: Profile, splits: dict[str, Path]) -> list[dict[str, float]]:
     """Seconds per megapixel of the cache job (sampling + decode + writing) on the test images, per T."""
     from swintormer.core.image_io import read_image
@@ -736,6 +765,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         add(f"| {entries[0]['label']} | {', '.join(str(e['seed']) for e in entries)} | {cells} | {verdicts[0]}; {verdicts[1]} |")
     add("")
 
+    out += render_default_by_kind(results.get("default_by_kind"), meta.get("photo_corpus", ""))
+
     if "speed" not in results:
         add("(Speed table left out: `--skip-speed`.)")
         return "\n".join(out)
@@ -762,6 +793,29 @@ def render_markdown(results: dict[str, Any]) -> str:
         add(f"`{record['command']}`:\n")
         add("```\n" + record["output"] + "\n```\n")
     return "\n".join(out)
+
+
+def render_default_by_kind(entry: dict[str, Any] | None, corpus: str) -> list[str]:
+    """The section "Default model by kind of degradation", from the tool's report."""
+    lines = ["## Default model by kind of degradation\n"]
+    if entry is None:
+        corpus = corpus.replace(str(REPO_ROOT) + os.sep, "")
+        lines.append(f"(Left out: no photo corpus at `{corpus}`; make it with `python tools/make_photo_corpus.py "
+                     "--out DIR` and pass `--photo-corpus DIR`.)\n")
+        return lines
+    from tools.evaluate_default_model import render_tables
+
+    report = entry["report"]
+    settings = report["settings"]
+    models = ", ".join(f"{name} (`{source['path'].replace(str(REPO_ROOT) + os.sep, '')}`)"
+                       for name, source in report["models"].items())
+    lines.append(f"`{entry['command']}` ({entry['seconds']:.0f} s): {models} on fixed degraded sets made from the "
+                 f"{settings['photos']} test photos of the photo corpus (centre crops of at most {settings['crop']} px, "
+                 f"seed {settings['seed']}; Poisson–Gaussian noise in linear light, shot {settings['shot_noise']:g}, "
+                 f"read σ {settings['read_noise']:g}, none in sharp_clean; no JPEG), next to the blurry input and "
+                 "Wiener / Richardson–Lucy with the true kernel, deconvolving in linear light as the blur was applied. "
+                 f"Contact sheet: `{report['sheet']['path'].replace(str(REPO_ROOT) + os.sep, '')}`.\n")
+    return lines + render_tables(report)
 
 
 # --------------------------------------------------------------------------- main
@@ -817,6 +871,11 @@ def main(argv: list[str] | None = None) -> int:
                              "times in the report are then measured side by side")
     parser.add_argument("--vgg-weights", type=Path, default=None, help="torchvision vgg19-dcbbe01f.pth for the VGG row")
     parser.add_argument("--mae-weights", type=Path, default=None, help="mae_pretrain_vit_base.pth for the MAE rows")
+    parser.add_argument("--photo-corpus", type=Path, default=REPO_ROOT / "data" / "photos",
+                        help="photo corpus for the default model by kind of degradation (tools/make_photo_corpus.py); "
+                             "the section is left out when it does not exist (default: data/photos)")
+    parser.add_argument("--previous-default", type=Path, default=None,
+                        help="model folder of the previous default model, evaluated beside the shipped one")
     parser.add_argument("--skip-speed", action="store_true", help="leave out the speed table and the other records")
     parser.add_argument("--fresh", action="store_true", help="delete the work folder first")
     parser.add_argument("--quiet", action="store_true", help="no step-by-step progress lines")
@@ -832,6 +891,9 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None and not path.is_file():
             print(f"error: {option} {path}: file not found", file=sys.stderr)
             return 2
+    if args.previous_default is not None and not (args.previous_default / "config.json").is_file():
+        print(f"error: --previous-default {args.previous_default}: not a model folder (no config.json)", file=sys.stderr)
+        return 2
     if args.threads < 1 or args.jobs < 1:
         print(f"error: --threads and --jobs must be at least 1, got {args.threads} and {args.jobs}", file=sys.stderr)
         return 2
@@ -859,6 +921,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "ablation": run_ablation(bench, profile, rows, caches, splits, tile, args.jobs)}
         results["inference"] = run_inference_ablation(bench, profile, caches, splits, tile)
         results["prior_cost"] = prior_sampling_cost(bench, profile, splits)
+        by_kind = default_model_by_kind(bench, profile, args.photo_corpus.resolve(), args.previous_default)
+        if by_kind is not None:
+            results["default_by_kind"] = by_kind
         if not args.skip_speed:
             results["speed"] = speed_table(bench, profile)
             if profile.records:
@@ -868,6 +933,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results["summary"] = summarise(results)
     shown = ["python", "tools/benchmark.py"] + (["--quick"] if args.quick else [])
+    if args.photo_corpus != parser.get_default("photo_corpus"):
+        shown += ["--photo-corpus", _display([str(args.photo_corpus)])]
+    if args.previous_default is not None:
+        shown += ["--previous-default", _display([str(args.previous_default)])]
     used = {name: record for name, record in bench.records.items() if name in bench.used}
     first_step, last_step = _step_span(used)
     results["meta"] = {
@@ -875,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
         "finished_utc": last_step or _now(), "last_invocation_minutes": round((time.perf_counter() - wall) / 60, 1),
         "step_minutes": round(sum(r["seconds"] for r in used.values()) / 60, 1), "machine": machine(),
         "matmul_gflops_last_invocation": [rate_start, matmul_gflops()], "threads": args.threads,
-        "jobs": args.jobs,
+        "jobs": args.jobs, "photo_corpus": str(args.photo_corpus),
         "tile": tile, "preset": config.model.preset, "steps": used,
         "budget": (f"{config.model.preset} preset, {config.train.max_steps} steps of batch {config.train.batch_size}, "
                    f"{tile}×{tile} patches, lr {config.train.optimizer.lr:g} {config.train.scheduler.name}"),
