@@ -4,7 +4,9 @@ stage-one prior of every blurry image of a dataset and store it in a prior cache
 The images are sorted by their path relative to ``--data`` and shared out round-robin between
 the processes; each image's noise comes from its own seed (the run seed and its relative name),
 so one process and many build the same cache. Entries are written atomically; a rerun (after a
-crash or ``kill -9``) skips the valid entries and makes the rest. ``--verify`` makes nothing: it
+crash or ``kill -9``) skips the valid entries and makes the rest. SIGTERM, SIGINT or SIGUSR1
+stop a build after the entry in progress, with one line and exit code 75 (a second SIGINT
+aborts at once); the rerun continues. ``--verify`` makes nothing: it
 checks every entry (present, readable, same settings as the manifest, same source hash, right
 size) and exits 1 if any is not. ``--export DIR`` makes nothing either: it writes every image's
 cached prior as a 16-bit PNG ``DIR/<image stem>.png``, to look at, or to score against the sharp
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--export writes its priors as PNGs."
         ),
         epilog="Exit code: 0 done (or cache valid, or all exported), 1 --verify found problems or "
-               "--export missed some priors, 2 bad input.",
+               "--export missed some priors, 2 bad input, 75 stopped by SIGTERM, SIGINT or SIGUSR1 after the "
+               "entry in progress (rerun the same command to continue; a second SIGINT aborts at once).",
     )
     parser.add_argument("--prior", help="prior model: a diffusers-layout folder, a CompVis model.ckpt, "
                         "or a named configuration (random weights, for tests and timing). Required "
@@ -189,21 +192,23 @@ def _build(args: argparse.Namespace, images: list[Path]) -> int:
     import torch
 
     from swintormer.core.distributed import process_state
+    from swintormer.core.run_control import stop_signals
 
     if args.prior is None:
         raise UserError("--prior is required to build a cache")
     sampling = _sampling_settings(args)
-    state = process_state()
-    threads_before = torch.get_num_threads()
-    if state.device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    try:
-        return _build_shard(args, images, state, sampling)
-    finally:
-        torch.set_num_threads(threads_before)  # main() may run inside a larger program
+    with stop_signals() as signals:  # caught from here: a signal while loading stops before the first entry
+        state = process_state()
+        threads_before = torch.get_num_threads()
+        if state.device.type == "cpu":
+            torch.set_num_threads(args.threads)
+        try:
+            return _build_shard(args, images, state, sampling, signals)
+        finally:
+            torch.set_num_threads(threads_before)  # main() may run inside a larger program
 
 
-def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling) -> int:
+def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling, signals) -> int:
     import torch
     from tqdm.auto import tqdm
 
@@ -211,6 +216,7 @@ def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling) 
     from ldm_prior.model import load_prior
     from ldm_prior.sampling import PriorSampler, image_seed
     from swintormer.core.image_io import ImageReadError, read_image
+    from swintormer.core.run_control import EXIT_STOPPED
 
     try:
         model = load_prior(args.prior)
@@ -237,6 +243,14 @@ def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling) 
     failed: list[str] = []
     bar = tqdm(shard, desc=f"priors [{state.process_index}]", unit="img", disable=not state.is_main_process)
     for image_path in bar:
+        if signals.requested is not None:
+            bar.close()
+            # No barrier: the other processes finish their entry in progress when they get the
+            # signal too (a launcher passes it on, or stops them when this one exits).
+            print(f"process {state.process_index}/{state.num_processes}: stopped by {signals.name} after the entry in "
+                  f"progress ({made} priors made, {skipped} already valid); rerun the same command to continue",
+                  file=sys.stderr)
+            return EXIT_STOPPED
         source_hash = file_sha256(image_path)
         if writer.is_valid(image_path, source_hash):
             skipped += 1
@@ -272,4 +286,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from swintormer.core.run_control import exit_code_of_finished_job
+
+    sys.exit(exit_code_of_finished_job(main()))

@@ -1,15 +1,16 @@
 """Stage one: fine-tune the conditional latent-diffusion prior on blurry/sharp pairs.
 
     accelerate launch -m pipelines.train_prior --config configs/prior/cpu_small.yaml \\
-        --data DATA_ROOT --output RUN_DIR [--max-steps N] [--resume latest|PATH] [key.sub=value ...]
+        --data DATA_ROOT --output RUN_DIR [--max-steps N] [--resume auto|latest|PATH | --overwrite] \\
+        [--stop-after-steps N] [--time-limit 3h50m] [key.sub=value ...]
 
 The VQ encoder and the UNet backbone stay frozen; the parameters matching ``trainable``
 (name patterns, default: the UNet decoder side for ``objective: noise``, the VQ decoder for
 ``objective: vq_decoder``) train. Their counts are printed at the start. This module reads the
 config, builds the data and the model, and hands the task to the shared engine
 ``swintormer.core.training`` (EMA, atomic checkpoints, exact resume, progress bar, NaN guard,
-accelerate); the step and the validation are ``ldm_prior.trainer``, the maths
-``ldm_prior.finetune``.
+accelerate, early stops on signals or ``--time-limit``, run-folder rules, exit codes); the step
+and the validation are ``ldm_prior.trainer``, the maths ``ldm_prior.finetune``.
 
 ``--data`` is a dataset root in any layout ``swintormer.core.data.paired.discover_pairs`` knows; with
 ``train/`` and ``test/`` (or ``val/``) sub-folders those are the splits. Validation reports the
@@ -31,7 +32,7 @@ from pydantic import Field, ValidationError
 
 from ldm_prior.trainer import PriorLossSettings, PriorValidationSettings
 from pipelines.training_setup import discover_training_pairs, load_run_config, resolve_splits
-from swintormer.core.config import ConfigError, StrictModel, TrainingConfig, add_run_arguments, save_config
+from swintormer.core.config import EXIT_CODES_HELP, ConfigError, StrictModel, TrainingConfig, add_run_arguments
 
 
 # --------------------------------------------------------------------------- schema
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "counts). Run under 'accelerate launch' for several processes or GPUs; the same command "
                     "works on one CPU. Override any config value with key.sub=value (parsed as YAML), e.g. "
                     "objective=vq_decoder mode=quarter train.batch_size=2.",
+        epilog=EXIT_CODES_HELP,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_run_arguments(parser)
@@ -135,11 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from swintormer.core.run_control import stop_signals
+
+    with stop_signals():  # from the start: a signal during set-up stops the run after its first step
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     from ldm_prior.codec import LatentCodec
     from ldm_prior.finetune import check_patch_size, select_for_objective
     from ldm_prior.trainer import PriorTrainer, latent_scale_of_patches, make_validation
     from swintormer.core.data.paired import PairedImageDataset, PairedPatchDataset
-    from swintormer.core.training import make_accelerator, train_and_report
+    from swintormer.core.training import StopRules, make_accelerator, train_and_report
 
     try:
         config, flags = load_run_config(PriorTrainConfig, build_parser(), argv)
@@ -168,12 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     accelerator.print(trainer.describe(selection))
-    output_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        save_config(config, output_dir / "config.yaml")
-    return train_and_report(trainer.training_task(train_set, validate), config.train, output_dir,
-                            accelerator=accelerator, resume=flags.resume, saved="prior")
+    return train_and_report(trainer.training_task(train_set, validate), config.train, Path(config.output_dir),
+                            accelerator=accelerator, resume=flags.resume, overwrite=flags.overwrite,
+                            run_config=config, saved="prior",
+                            stop=StopRules(after_steps=flags.stop_after_steps, time_limit=flags.time_limit))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from swintormer.core.run_control import exit_code_of_finished_job
+
+    sys.exit(exit_code_of_finished_job(main()))

@@ -1,7 +1,8 @@
 """Stage two: train the Swintormer deblurring network.
 
     accelerate launch -m pipelines.train_swintormer --config configs/swintormer/cpu_small.yaml \\
-        --data DATA_ROOT --output RUN_DIR [--max-steps N] [--resume latest|PATH] [key.sub=value ...]
+        --data DATA_ROOT --output RUN_DIR [--max-steps N] [--resume auto|latest|PATH | --overwrite] \\
+        [--stop-after-steps N] [--time-limit 3h50m] [key.sub=value ...]
 
 The same command runs on one CPU, one or many GPUs and many machines (accelerate decides the
 device and the process count). Orchestration only: the network is ``swintormer.models``, the
@@ -16,13 +17,14 @@ ablation from the same config (the prior is then not read).
 
 The run folder receives ``config.yaml`` (the resolved configuration), ``checkpoints/``,
 ``logs/`` (``metrics.jsonl`` and TensorBoard) and, at the end, ``model/`` written with
-``save_pretrained`` (EMA weights by default).
+``save_pretrained`` (EMA weights by default). Stopping early (signals, ``--time-limit``,
+``--stop-after-steps``), the run-folder rules and the exit codes are the shared engine's
+(``swintormer.core.training``, ``swintormer.core.run_control``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +34,7 @@ import torch
 from pydantic import Field
 
 from pipelines.training_setup import discover_training_pairs, load_run_config, resolve_splits
-from swintormer.core.config import ConfigError, StrictModel, TrainingConfig, add_run_arguments, save_config
+from swintormer.core.config import EXIT_CODES_HELP, ConfigError, StrictModel, TrainingConfig, add_run_arguments
 from swintormer.core.data.degradations import DegradationConfig
 from swintormer.losses import LossConfig, MissingWeightsError, build_loss
 
@@ -208,13 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "processes or GPUs; the same command works on one CPU. Any config value can be "
                     "overridden with key.sub=value (value parsed as YAML), e.g. train.batch_size=4 "
                     "model.in_channels=3 loss.vgg.weights_path=/weights/vgg19-dcbbe01f.pth.",
+        epilog=EXIT_CODES_HELP,
     )
     add_run_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from swintormer.core.training import TrainingTask, make_accelerator, train_and_report
+    from swintormer.core.run_control import stop_signals
+
+    with stop_signals():  # from the start: a signal during set-up stops the run after its first step
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from swintormer.core.training import StopRules, TrainingTask, make_accelerator, train_and_report
 
     try:
         config, flags = load_run_config(SwintormerTrainConfig, build_parser(), argv)
@@ -231,15 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     output_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        save_config(config, output_dir / "config.yaml")
     names_log = None
     if config.debug.log_sample_names:
         names_log = output_dir / "debug" / f"samples_rank{accelerator.process_index}.txt"
-        names_log.parent.mkdir(parents=True, exist_ok=True)
 
     def loss_step(net: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         if names_log is not None:
+            names_log.parent.mkdir(parents=True, exist_ok=True)  # here: the run folder is checked first
             with open(names_log, "a", encoding="utf-8") as handle:
                 handle.write("\n".join(batch["name"]) + "\n")
         restored = net(batch["input"]).float()
@@ -255,8 +263,12 @@ def main(argv: list[str] | None = None) -> int:
 
     task = TrainingTask(model=model, loss_step=loss_step, train_dataset=train_set, aux_modules=[loss],
                         validate=validate, save_final=save_final)
-    return train_and_report(task, config.train, output_dir, accelerator=accelerator, resume=flags.resume, saved="model")
+    return train_and_report(task, config.train, output_dir, accelerator=accelerator, resume=flags.resume,
+                            overwrite=flags.overwrite, run_config=config, saved="model",
+                            stop=StopRules(after_steps=flags.stop_after_steps, time_limit=flags.time_limit))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from swintormer.core.run_control import exit_code_of_finished_job
+
+    sys.exit(exit_code_of_finished_job(main()))

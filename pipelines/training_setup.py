@@ -17,8 +17,11 @@ Config = TypeVar("Config")
 
 def load_run_config(schema: type[Config], parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[Config, Any]:
     """Parse the command line, load the YAML config with its overrides, and apply ``--data``,
-    ``--output`` and ``--max-steps`` (which win over the file). Returns (config, flags)."""
-    flags = run_flags_from_args(parser.parse_args(argv))
+    ``--output`` and ``--max-steps`` (which win over the file). Returns (config, flags).
+
+    Options and ``key=value`` overrides may come in any order (``parse_intermixed_args``), so a
+    job script can append ``--resume auto`` or more overrides to a command line."""
+    flags = run_flags_from_args(parser.parse_intermixed_args(argv))
     config: Any = load_config(schema, flags.config, flags.overrides)
     if flags.data is not None:
         config.data.root = flags.data

@@ -25,6 +25,12 @@ once. :class:`SlidingWindowInferencer` does that for any image size in bounded m
   The accumulator is float64 (8 bytes per output value, the only full-size buffer besides the
   input and the float32 output) so that averaging several identical window outputs returns them
   bit-exactly: a model that returns its input gives back the input exactly, with no seams.
+* **CUDA transfers.** On a CUDA device each window batch is cut into pinned (page-locked) host
+  memory and copied to the device without blocking, and its output comes back the same way into
+  pinned memory behind a CUDA event; the next batch is started before the previous output is
+  blended, so the GPU computes batch ``k + 1`` while the CPU blends batch ``k``. PyTorch's pinned
+  memory allocator keeps a block from reuse until the copies that use it have finished. Same
+  values as the blocking path; other devices and the CPU take the plain path.
 * **Precision.** ``precision="bf16"`` runs the model under ``torch.autocast`` in bfloat16 on its
   device; outputs are accumulated in float64 either way.
 
@@ -91,7 +97,8 @@ class SlidingWindowInferencer(_Inferencer):
 
     Call it with a CPU ``torch.Tensor`` of shape ``1×C×H×W`` (returns a float32 ``1×C_out×H×W``
     CPU tensor) or a ``numpy`` array ``H×W×C`` (returns a float32 ``H×W×C_out`` array). Values
-    are expected in [0, 1]; they are passed to the model in float32.
+    are expected in [0, 1]; they are passed to the model in float32. ``overlap_transfers``
+    (True on CUDA) selects the pinned, non-blocking transfers of the module docstring.
     """
 
     def __init__(
@@ -123,6 +130,8 @@ class SlidingWindowInferencer(_Inferencer):
         self.blend = blend
         self.progress = progress
         self.progress_description = progress_description
+        # Overlap transfers and compute (pinned memory, non-blocking copies): CUDA only.
+        self.overlap_transfers = self.device.type == "cuda"
         self._window_weight_1d = feather_weights(tile, stride) if blend == "feather" else uniform_weights(tile)
 
     def window_grid(self, height: int, width: int) -> list[tuple[int, int]]:
@@ -133,21 +142,31 @@ class SlidingWindowInferencer(_Inferencer):
         return self._accumulate(image).result(channels_last=channels_last)
 
     def _batches(self, image: torch.Tensor) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
-        """Window corners and the matching ``N×C×tile×tile`` float32 batch, ``batch_size`` at a time."""
-        _, height, width = image.shape
+        """Window corners and the matching ``N×C×tile×tile`` float32 batch, ``batch_size`` at a
+        time; in pinned host memory when the model runs on CUDA."""
+        channels, height, width = image.shape
         tile = self.tile
         pad_bottom, pad_right = max(0, tile - height), max(0, tile - width)
         grid = self.window_grid(height, width)
+        pinned = self.overlap_transfers and self.device.type == "cuda"
         for first in range(0, len(grid), self.batch_size):
             corners = grid[first : first + self.batch_size]
             windows = [image[:, top : top + tile, left : left + tile] for top, left in corners]
             if pad_bottom or pad_right:
                 # Only an image smaller than a window along some axis gets here.
                 windows = [reflect_pad(window, pad_bottom, pad_right) for window in windows]
-            yield corners, torch.stack(windows).to(torch.float32)
+            if pinned:
+                batch = torch.empty((len(windows), channels, tile, tile), dtype=torch.float32, pin_memory=True)
+                for index, window in enumerate(windows):
+                    batch[index].copy_(window)
+                yield corners, batch
+            else:
+                yield corners, torch.stack(windows).to(torch.float32)
 
     def _run_model(self, batch: torch.Tensor) -> torch.Tensor:
-        output = _forward(self.model, batch, self.device, self.precision)
+        return self._checked(batch, _forward(self.model, batch, self.device, self.precision))
+
+    def _checked(self, batch: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if output.ndim != 4 or output.shape[0] != batch.shape[0] or output.shape[2:] != batch.shape[2:]:
             raise ValueError(
                 f"the model turned a window batch of shape {tuple(batch.shape)} into "
@@ -166,11 +185,24 @@ class SlidingWindowInferencer(_Inferencer):
         with tqdm(
             total=total, desc=self.progress_description, unit="win", disable=not self.progress, leave=False
         ) as bar:
-            for corners, batch in self._batches(image):
-                outputs = self._run_model(batch)[:, :, :valid_rows, :valid_cols]
-                for (top, left), output in zip(corners, outputs):
+            def blend(corners: list[tuple[int, int]], outputs: torch.Tensor) -> None:
+                for (top, left), output in zip(corners, outputs[:, :, :valid_rows, :valid_cols]):
                     accumulator.add(top, left, output)
                 bar.update(len(corners))
+
+            if not self.overlap_transfers:
+                for corners, batch in self._batches(image):
+                    blend(corners, self._run_model(batch))
+                return accumulator
+            # CUDA: batch k + 1 is queued on the device before batch k's output is blended.
+            pending = None
+            for corners, batch in self._batches(image):
+                launched = (corners, batch, _launch_forward(self.model, batch, self.device, self.precision))
+                if pending is not None:
+                    blend(pending[0], self._checked(pending[1], _collect_output(*pending[2])))
+                pending = launched
+            if pending is not None:
+                blend(pending[0], self._checked(pending[1], _collect_output(*pending[2])))
         return accumulator
 
 
@@ -229,6 +261,31 @@ def _forward(model: nn.Module, batch: torch.Tensor, device: torch.device, precis
         else:
             output = model(batch)
     return output.to("cpu", torch.float64)
+
+
+def _launch_forward(model: nn.Module, batch: torch.Tensor, device: torch.device,
+                    precision: str) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """Queue one forward on a CUDA ``device`` without waiting: the pinned ``batch`` goes up
+    without blocking, and the output comes back into pinned host memory behind the returned
+    event (:func:`_collect_output` waits for it)."""
+    with torch.inference_mode():
+        batch = batch.to(device, non_blocking=True)
+        if precision == "bf16":
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                output = model(batch)
+        else:
+            output = model(batch)
+        host = torch.empty(output.shape, dtype=output.dtype, pin_memory=True)
+        host.copy_(output, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(device))
+    return host, done
+
+
+def _collect_output(host: torch.Tensor, done: torch.cuda.Event) -> torch.Tensor:
+    """The output of :func:`_launch_forward` once its copy has arrived, as float64."""
+    done.synchronize()
+    return host.to(torch.float64)
 
 
 def default_stride(tile: int) -> int:

@@ -20,12 +20,18 @@ Components:
 settings (``pipeline.json``); ``from_pretrained(dir)`` reads them back. A training run saves the
 patch size it trained at as the default window size, since the network is run best at the size
 it learnt.
+
+Devices: the CPU inference engine (``swintormer.models.cpu_inference``) is applied on the CPU
+only; a pipeline on another device puts a converted model's reference modules back. On CUDA, an
+image that runs out of device memory is tried again with half the window batch (down to one
+window), and the smaller batch is kept for the following images.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -76,6 +82,14 @@ class DeblurPipeline:
         self.settings = settings or InferenceSettings()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.progress = progress
+        if self.device.type != "cpu":
+            from swintormer.models.cpu_inference import is_prepared, restore_reference
+
+            if is_prepared(model):  # the CPU engine's paths are for CPU inference only
+                restore_reference(model)
+        # Windows per forward pass actually used: settings.batch_size, halved after an
+        # out-of-memory error on the device.
+        self.window_batch = self.settings.batch_size
         in_channels = model.config.in_channels
         if in_channels == 3 and prior is not None:
             raise ValueError("the model takes no prior (3 input channels); build the pipeline without one")
@@ -136,7 +150,8 @@ class DeblurPipeline:
         s = self.settings
         if s.whole:
             return WholeImageInferencer(self.model, precision=s.precision, device=self.device)
-        return SlidingWindowInferencer(self.model, tile=s.tile, stride=s.stride, batch_size=s.batch_size,
+        return SlidingWindowInferencer(self.model, tile=s.tile, stride=s.stride,
+                                       batch_size=min(self.window_batch, s.batch_size),
                                        blend=s.blend, precision=s.precision, device=self.device,
                                        progress=self.progress)
 
@@ -175,4 +190,21 @@ class DeblurPipeline:
             raise ValueError("the model takes no prior (3 input channels)")
         else:
             network_input = blurry
-        return self.inferencer()(network_input)
+        return self._run(network_input)
+
+    def _run(self, network_input: np.ndarray) -> np.ndarray:
+        """The inferencer on one image; on a device out-of-memory error, again with half the
+        window batch, down to one window (then the error stands)."""
+        while True:
+            try:
+                return self.inferencer()(network_input)
+            except torch.cuda.OutOfMemoryError:
+                if self.settings.whole or self.window_batch <= 1:
+                    raise
+                failed = min(self.window_batch, self.settings.batch_size)
+            # Out of the except block: the failed attempt's tensors are freed with its traceback.
+            self.window_batch = max(1, failed // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            warnings.warn(f"out of device memory with {failed} windows per batch; trying the image again "
+                          f"with {self.window_batch}", RuntimeWarning, stacklevel=3)

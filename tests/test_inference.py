@@ -309,3 +309,29 @@ def test_bad_inputs_are_rejected() -> None:
         inferencer(np.zeros((40, 40), dtype=np.float32))
     with pytest.raises(ValueError, match="float"):
         inferencer(np.zeros((40, 40, 3), dtype=np.uint8))
+
+
+def test_overlapped_transfers_queue_the_next_batch_before_blending_and_give_the_same_result(monkeypatch) -> None:
+    """The CUDA path's order, run on the CPU: batch k + 1 is launched before batch k is collected."""
+    import swintormer.inference as inference
+
+    events: list[str] = []
+
+    def launch(model, batch, device, precision):
+        events.append(f"launch {len(events)}")
+        return model(batch).to(torch.float32), None
+
+    def collect(host, done):
+        events.append("collect")
+        return host.to(torch.float64)
+
+    monkeypatch.setattr(inference, "_launch_forward", launch)
+    monkeypatch.setattr(inference, "_collect_output", collect)
+    image = coordinate_image(70, 100)
+    plain = SlidingWindowInferencer(WindowCornerConstant(), tile=32, stride=24, batch_size=4, progress=False)
+    overlapped = SlidingWindowInferencer(WindowCornerConstant(), tile=32, stride=24, batch_size=4, progress=False)
+    overlapped.overlap_transfers = True
+    assert not plain.overlap_transfers  # only CUDA overlaps
+    torch.testing.assert_close(overlapped(image), plain(image), rtol=0, atol=0)
+    kinds = [event.split()[0] for event in events]
+    assert kinds[:3] == ["launch", "launch", "collect"] and kinds.count("launch") == kinds.count("collect")

@@ -120,3 +120,50 @@ def test_a_three_channel_model_refuses_a_prior():
         DeblurPipeline(_model(), prior=PriorFolder(DEFAULT_MODEL_DIR))
     with pytest.raises(ValueError, match="no prior"):
         DeblurPipeline(_model())(_image(), prior=_image())
+
+
+class OutOfMemoryAbove(torch.nn.Module):
+    """Wraps a model and raises CUDA's out-of-memory error for batches of more than ``limit`` windows."""
+
+    def __init__(self, model: torch.nn.Module, limit: int) -> None:
+        super().__init__()
+        self.inner, self.limit, self.batches = model, limit, []
+        self.config = model.config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (fake, batch {x.shape[0]})")
+        return self.inner(x)
+
+
+def test_out_of_memory_retries_the_image_with_half_the_window_batch():
+    model = _model(seed=10)
+    image = _image(80, 100, seed=11)
+    settings = InferenceSettings(tile=32, stride=24, batch_size=8)
+    expected = DeblurPipeline(model, settings=settings)(image)
+    wrapped = OutOfMemoryAbove(model, limit=2)
+    pipe = DeblurPipeline(wrapped, settings=settings)
+    with pytest.warns(RuntimeWarning) as warned:
+        restored = pipe(image)
+    assert [str(w.message).split("; ")[0] for w in warned] == [f"out of device memory with {n} windows per batch" for n in (8, 4)]
+    np.testing.assert_array_equal(restored, expected)
+    assert pipe.window_batch == 2 and wrapped.batches[:2] == [8, 4] and set(wrapped.batches[2:]) <= {1, 2}
+    wrapped.batches.clear()
+    np.testing.assert_array_equal(pipe(image), expected)  # the next image starts at the batch that fitted
+    assert max(wrapped.batches) == 2
+    # one window that does not fit, or the whole image in one pass: the error stands
+    with pytest.raises(torch.cuda.OutOfMemoryError), pytest.warns(RuntimeWarning):
+        DeblurPipeline(OutOfMemoryAbove(model, limit=0), settings=settings)(image)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        DeblurPipeline(OutOfMemoryAbove(model, limit=0), settings=InferenceSettings(whole=True))(image)
+
+
+def test_the_cpu_engine_is_never_left_on_a_model_for_another_device():
+    from swintormer.models.cpu_inference import is_prepared, prepare_for_inference
+
+    prepared = prepare_for_inference(_model(seed=12))
+    DeblurPipeline(prepared, device="cpu")
+    assert is_prepared(prepared)
+    DeblurPipeline(prepared, device="cuda")  # only the device's type is read here: runs without a GPU
+    assert not is_prepared(prepared)

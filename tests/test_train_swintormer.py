@@ -56,7 +56,7 @@ def test_pipeline_resume_is_exact(synthetic, tmp_path):
     common = ["--config", TINY, "--data", str(synthetic), *QUIET, "train.batch_size=2", "train.logging.every_steps=1",
               "validation.max_images=1"]
     assert main([*common, "--output", str(tmp_path / "straight"), "--max-steps", "2"]) == 0
-    assert main([*common, "--output", str(tmp_path / "split"), "--max-steps", "1"]) == 0
+    assert main([*common, "--output", str(tmp_path / "split"), "--max-steps", "2", "--stop-after-steps", "1"]) == 0
     assert main([*common, "--output", str(tmp_path / "split"), "--max-steps", "2", "--resume", "latest"]) == 0
     for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
         a = load_file(tmp_path / "straight/checkpoints/step_00000002" / name)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import signal
 
 import pytest
 import torch
@@ -15,11 +18,13 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from swintormer.core.config import SchedulerConfig, TrainingConfig
+from swintormer.core import run_control, training
+from swintormer.core.config import ConfigError, SchedulerConfig, TrainingConfig
 from swintormer.core.training import (
     EpochShardSampler,
     ExponentialMovingAverage,
     NonFiniteLossError,
+    StopRules,
     TrainingTask,
     find_checkpoint,
     lr_factor_fn,
@@ -76,17 +81,28 @@ def small_config(**changes) -> TrainingConfig:
     return TrainingConfig.model_validate(data)
 
 
-def train(tmp_path, name: str, max_steps: int, resume: str | None = None, **changes):
+def train(tmp_path, name: str, max_steps: int, resume: str | None = None, stop_after: int | None = None,
+          loss_step=l1_step, stop: StopRules | None = None, **changes):
     torch.manual_seed(0)
     model = SmallNet()
-    task = TrainingTask(model=model, loss_step=l1_step, train_dataset=NoisyPairs())
-    result = run_training(task, small_config(**changes), tmp_path / name, max_steps=max_steps, resume=resume)
+    task = TrainingTask(model=model, loss_step=loss_step, train_dataset=NoisyPairs())
+    result = run_training(task, small_config(**changes), tmp_path / name, max_steps=max_steps, resume=resume,
+                          stop=stop or StopRules(after_steps=stop_after))
     return model, result
+
+
+def same_state(a_checkpoint, b_checkpoint) -> bool:
+    for file in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        a, b = load_file(a_checkpoint / file), load_file(b_checkpoint / file)
+        if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+            return False
+    return True
 
 
 def test_resume_is_exact(tmp_path):
     straight, straight_result = train(tmp_path, "straight", 6)
-    train(tmp_path, "split", 3)
+    _, stopped = train(tmp_path, "split", 6, stop_after=3)
+    assert stopped.stop_reason == "stop after steps" and stopped.step == 3 and stopped.final_model_dir is None
     resumed, resumed_result = train(tmp_path, "split", 6, resume="latest")
 
     assert resumed_result.step == 6 and len(resumed_result.losses) == 3
@@ -103,11 +119,11 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_resume_from_explicit_checkpoint_and_keep_last(tmp_path):
-    _, result = train(tmp_path, "run", 5, checkpoint={"every_steps": 1, "keep_last": 2})
+    _, result = train(tmp_path, "run", 6, stop_after=5, checkpoint={"every_steps": 1, "keep_last": 2})
     kept = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
     assert kept == ["step_00000004", "step_00000005"]
     state = json.loads((result.last_checkpoint / "trainer_state.json").read_text())
-    assert state["step"] == 5 and state["num_processes"] == 1
+    assert state["step"] == 5 and state["num_processes"] == 1 and state["max_steps"] == 6
     straight, _ = train(tmp_path, "straight", 6)
     resumed, _ = train(tmp_path, "other", 6, resume=str(tmp_path / "run/checkpoints/step_00000004"))
     # resumed from step 4 of a run with identical settings: same weights as 6 straight steps
@@ -227,3 +243,173 @@ def test_ema_tracks_only_trained_parameters(tmp_path):
     assert "body.3.weight" in ema and "body.0.weight" not in ema
     saved = load_file(tmp_path / "run/checkpoints/step_00000001/model.safetensors")
     assert "body.0.weight" in saved  # the checkpoint still holds the whole model
+
+
+# --------------------------------------------------------------------------- stopping early
+
+
+def signalling_step(signals_at: dict[int, int]):
+    """A loss step that sends this process ``signals_at[call]`` at those calls (2 calls per step)."""
+    calls = {"n": 0}
+
+    def step(model, batch):
+        calls["n"] += 1
+        if calls["n"] in signals_at:
+            os.kill(os.getpid(), signals_at[calls["n"]])
+        return l1_step(model, batch)
+
+    return step
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_signal_finishes_the_step_checkpoints_and_the_resumed_run_is_exact(tmp_path, signum):
+    _, straight = train(tmp_path, "straight", 6)
+    _, stopped = train(tmp_path, "split", 6, loss_step=signalling_step({5: signum}))  # call 5: in step 3
+    assert stopped.stop_reason == signal.Signals(signum).name and stopped.step == 3
+    assert stopped.last_checkpoint.name == "step_00000003" and stopped.final_model_dir is None
+    status = json.loads((tmp_path / "split/status.json").read_text())
+    assert status["state"] == "stopped" and status["exit_code"] == 75 and status["step"] == 3
+    # the handlers are put back once the run ends
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    _, resumed = train(tmp_path, "split", 6, resume="auto")
+    assert resumed.finished and same_state(straight.last_checkpoint, resumed.last_checkpoint)
+    assert json.loads((tmp_path / "split/status.json").read_text())["state"] == "finished"
+
+
+def test_a_second_sigint_aborts_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_control, "SECOND_SIGINT_AFTER_S", 0.0)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, "run", 6, loss_step=signalling_step({3: signal.SIGINT, 4: signal.SIGINT}))
+    assert not (tmp_path / "run/checkpoints").exists()
+    assert json.loads((tmp_path / "run/status.json").read_text())["state"] == "aborted"
+    # a SIGINT passed on by a launcher right after the first (within the second) does not abort
+    monkeypatch.setattr(run_control, "SECOND_SIGINT_AFTER_S", 60.0)
+    _, result = train(tmp_path, "again", 6, loss_step=signalling_step({3: signal.SIGINT, 4: signal.SIGINT}))
+    assert result.stop_reason == "SIGINT" and result.step == 2
+
+
+def test_time_limit_stops_before_the_limit_with_a_checkpoint(tmp_path, monkeypatch):
+    """A fake clock: every loss step advances it by 10 s, so a step takes 20 s (2 micro-batches)."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(training, "seconds_since_process_start", lambda: clock["now"])
+    monkeypatch.setattr(training, "_clock", lambda: clock["now"])
+
+    def slow_step(model, batch):
+        clock["now"] += 10.0
+        return l1_step(model, batch)
+
+    _, result = train(tmp_path, "run", 6, loss_step=slow_step, stop=StopRules(time_limit=100.0))
+    # Steps end at 20, 40, 60, 80 s. After step 4 another step and the checkpoint after it (about
+    # 1 s before one was measured) would end at 80 + 1.25 x 21 s > 100 s: the run stops at step 4.
+    assert result.stop_reason == "time limit" and result.step == 4 and clock["now"] == 80.0
+    assert (tmp_path / "run/checkpoints/step_00000004/trainer_state.json").is_file()
+    assert json.loads((tmp_path / "run/status.json").read_text())["exit_code"] == 75
+
+
+def test_stop_after_steps_at_or_past_the_checkpoint_takes_no_step(tmp_path):
+    train(tmp_path, "run", 6, stop_after=3)
+    _, again = train(tmp_path, "run", 6, resume="auto", stop_after=2)
+    assert again.stop_reason == "stop after steps" and again.step == 3 and again.losses == []
+
+
+def test_resuming_with_another_max_steps_is_refused(tmp_path):
+    train(tmp_path, "run", 6, stop_after=2)
+    with pytest.raises(ConfigError, match=r"train.max_steps=6, this one asks for 8.*--stop-after-steps"):
+        train(tmp_path, "run", 8, resume="auto")
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def test_a_used_run_folder_is_refused_without_resume_or_overwrite(tmp_path):
+    train(tmp_path, "run", 6, stop_after=2)
+    with pytest.raises(ConfigError, match=r"not empty.*--resume auto.*--overwrite"):
+        train(tmp_path, "run", 6)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        train(tmp_path, "other", 6)
+    with pytest.raises(ConfigError, match="holds files no run writes"):
+        train(tmp_path, "other", 6, resume="auto")
+    with pytest.raises(ConfigError, match="--resume latest: no complete checkpoint"):
+        train(tmp_path, "empty", 6, resume="latest")
+
+
+def test_overwrite_deletes_the_previous_run_and_nothing_else(tmp_path):
+    run = tmp_path / "run"
+    train(tmp_path, "run", 6, stop_after=4, checkpoint={"every_steps": 1, "keep_last": 5})
+    (run / "notes.txt").write_text("mine")
+    (run / "model").mkdir()
+    torch.manual_seed(0)
+    task = TrainingTask(model=SmallNet(), loss_step=l1_step, train_dataset=NoisyPairs())
+    result = run_training(task, small_config(), run, max_steps=6, stop=StopRules(after_steps=2), overwrite=True)
+    assert result.step == 2 and (run / "notes.txt").read_text() == "mine" and not (run / "model").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002"]
+    steps = [json.loads(line)["step"] for line in (run / "logs/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_resume_auto_starts_or_continues_and_clears_temporaries(tmp_path):
+    run = tmp_path / "run"
+    _, first = train(tmp_path, "run", 6, resume="auto", stop_after=2)  # no folder yet: a fresh start
+    assert first.step == 2
+    stale = run / "checkpoints/.step_00000004.abc.tmp"  # what a killed checkpoint write leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    _, second = train(tmp_path, "run", 6, resume="auto")
+    assert second.step == 6 and not stale.exists()
+    # a folder holding only what a run killed before its first checkpoint left starts over
+    leftover = tmp_path / "killed_early"
+    (leftover / "logs").mkdir(parents=True)
+    (leftover / "logs/metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (leftover / "config.yaml").write_text("old: true\n")
+    _, fresh = train(tmp_path, "killed_early", 6, resume="auto", stop_after=1)
+    assert fresh.step == 1 and not (leftover / "config.yaml").exists()
+    assert [json.loads(x)["step"] for x in (leftover / "logs/metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_resume_cuts_the_metrics_log_back_to_the_checkpoint(tmp_path):
+    """A run killed after logging steps past its last checkpoint: the resumed run logs them again,
+    and the log keeps each step once."""
+    run = tmp_path / "run"
+    train(tmp_path, "run", 6, stop_after=4, checkpoint={"every_steps": 2, "keep_last": 5})
+    shutil.rmtree(run / "checkpoints/step_00000004")  # as if killed before this checkpoint
+    with open(run / "logs/metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "lo')  # and in the middle of a line
+    _, straight = train(tmp_path, "straight", 6)
+    _, resumed = train(tmp_path, "run", 6, resume="auto")
+    steps = [json.loads(line)["step"] for line in (run / "logs/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert same_state(straight.last_checkpoint, resumed.last_checkpoint)
+
+
+def test_resume_from_an_earlier_checkpoint_of_the_same_folder_drops_the_later_ones(tmp_path):
+    run = tmp_path / "run"
+    train(tmp_path, "run", 6, stop_after=4, checkpoint={"every_steps": 1, "keep_last": 5})
+    _, result = train(tmp_path, "run", 6, resume=str(run / "checkpoints/step_00000002"), stop_after=3,
+                      checkpoint={"every_steps": 1, "keep_last": 5})
+    assert result.step == 3
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_0000000{i}" for i in (1, 2, 3)]
+
+
+def test_resuming_with_another_batch_says_what_changes(tmp_path, capsys):
+    train(tmp_path, "run", 6, stop_after=2)
+    capsys.readouterr()
+    train(tmp_path, "run", 6, resume="auto", stop_after=3, batch_size=2)
+    note = capsys.readouterr().out
+    assert "1 process(es) x batch 3 x 2 accumulation step(s) with 1 process(es) x batch 2" in note
+    assert "global batch changes from 6 to 4" in note
+    train(tmp_path, "run", 6, resume="auto", stop_after=4, batch_size=4, grad_accum_steps=1)
+    assert "the global batch stays 4, so each step draws the same samples" in capsys.readouterr().out
+
+
+def test_parse_duration():
+    assert run_control.parse_duration("3h50m") == 13800
+    assert run_control.parse_duration("90m") == 5400
+    assert run_control.parse_duration("45s") == 45
+    assert run_control.parse_duration("1h0m30s") == 3630
+    assert run_control.parse_duration("5400") == 5400
+    for bad in ("", "3x", "m", "-5", "0s", "5m3h"):
+        with pytest.raises(ValueError):
+            run_control.parse_duration(bad)
+    assert 0 < run_control.seconds_since_process_start() < 7 * 24 * 3600

@@ -8,9 +8,9 @@ all work). The resolved configuration is written next to every run with :func:`s
 
 This module also holds the pieces of configuration that are the same for every trainer
 (optimizer, learning-rate schedule, EMA, checkpointing, logging, the loop itself) and the
-run flags (``--data``, ``--output``, ``--max-steps``, ``--resume``) that every training
-pipeline accepts, so that ``pipelines.train_swintormer`` and ``pipelines.train_prior`` read
-them the same way.
+run flags (``--data``, ``--output``, ``--max-steps``, ``--resume``, ``--overwrite``,
+``--stop-after-steps``, ``--time-limit``) that every training pipeline accepts, so that
+``pipelines.train_swintormer`` and ``pipelines.train_prior`` read them the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ __all__ = [
     "LoggingConfig",
     "TrainingConfig",
     "RunFlags",
+    "EXIT_CODES_HELP",
     "add_run_arguments",
     "run_flags_from_args",
     "apply_overrides",
@@ -154,31 +155,73 @@ class RunFlags(BaseModel):
     data: Path | None = None
     output: Path | None = None
     max_steps: int | None = None
-    resume: str | None = None  # "latest" or a checkpoint folder
+    resume: str | None = None  # "auto", "latest" or a checkpoint folder
+    overwrite: bool = False
+    stop_after_steps: int | None = None
+    time_limit: float | None = None  # seconds from the start of the process
+
+
+#: The exit codes of a training pipeline, for ``--help`` (the numbers are
+#: ``swintormer.core.run_control``'s).
+EXIT_CODES_HELP = (
+    "Exit codes: 0 the run reached train.max_steps, or --stop-after-steps (a checkpoint to resume "
+    "from, no model/ yet); 75 stopped by SIGTERM, SIGINT or SIGUSR1 (after the optimizer step in "
+    "progress) or by --time-limit, with a checkpoint: requeue the same command with --resume auto; "
+    "1 non-finite loss; 2 bad settings, data or run folder; 130 aborted by a second SIGINT. "
+    "Under 'accelerate launch' or torchrun the launcher exits 1 for any non-zero code of its "
+    "processes: read RUN_DIR/status.json (state finished/stopped/failed, exit_code) instead."
+)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config``, ``--data``, ``--output``, ``--max-steps``, ``--resume`` and ``key=value``."""
+    """Add ``--config``, ``--data``, ``--output``, ``--max-steps``, ``--resume``, ``--overwrite``,
+    ``--stop-after-steps``, ``--time-limit`` and ``key=value``."""
     parser.add_argument("--config", required=True, type=Path, help="YAML configuration file")
     parser.add_argument("--data", type=Path, default=None,
                         help="dataset root in any supported layout (overrides data.root)")
     parser.add_argument("--output", type=Path, default=None,
                         help="run folder: checkpoints, logs, config.yaml and the final model/")
     parser.add_argument("--max-steps", type=int, default=None,
-                        help="stop after this many optimizer steps (overrides train.max_steps); "
-                             "a checkpoint is always written at the stop")
-    parser.add_argument("--resume", default=None, metavar="latest|PATH",
-                        help="continue exactly from the newest checkpoint of --output, or from a "
-                             "checkpoint folder")
+                        help="length of the run in optimizer steps (sets train.max_steps, and with it the "
+                             "learning-rate schedule); a checkpoint is resumed only with the value it was "
+                             "made for. To stop earlier use --stop-after-steps or --time-limit")
+    parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+                        help="stop at step N with a checkpoint (exit code 0); the recipe does not change, "
+                             "so --resume auto later continues exactly as if the run had not stopped")
+    parser.add_argument("--time-limit", default=None, metavar="DURATION",
+                        help="checkpoint and stop (exit code 75) before this much time has passed since the "
+                             "process started, e.g. 3h50m, 90m, 45s; the margin is the measured time of a "
+                             "step and of the checkpoint and validation writes that follow it")
+    folder = parser.add_mutually_exclusive_group()
+    folder.add_argument("--resume", default=None, metavar="auto|latest|PATH",
+                        help="continue exactly: 'auto' from the newest checkpoint of --output, or start the "
+                             "run when there is none (for requeued jobs); 'latest' likewise but a checkpoint "
+                             "must exist; PATH from that checkpoint folder. Without --resume or --overwrite, "
+                             "a non-empty --output is refused")
+    folder.add_argument("--overwrite", action="store_true",
+                        help="start over in a used --output: first delete the previous run's checkpoints/, "
+                             "logs/, model/, debug/, config.yaml and status.json (other files in the folder "
+                             "are kept)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="override a config value; the value is parsed as YAML")
 
 
 def run_flags_from_args(args: argparse.Namespace) -> RunFlags:
+    from swintormer.core.run_control import parse_duration
+
     if args.max_steps is not None and args.max_steps <= 0:
         raise ConfigError(f"--max-steps must be positive, got {args.max_steps}")
+    if args.stop_after_steps is not None and args.stop_after_steps <= 0:
+        raise ConfigError(f"--stop-after-steps must be positive, got {args.stop_after_steps}")
+    time_limit = None
+    if args.time_limit is not None:
+        try:
+            time_limit = parse_duration(args.time_limit)
+        except ValueError as exc:
+            raise ConfigError(f"--time-limit: {exc}") from None
     return RunFlags(config=args.config, overrides=list(args.overrides), data=args.data,
-                    output=args.output, max_steps=args.max_steps, resume=args.resume)
+                    output=args.output, max_steps=args.max_steps, resume=args.resume,
+                    overwrite=args.overwrite, stop_after_steps=args.stop_after_steps, time_limit=time_limit)
 
 
 # --------------------------------------------------------------------------- load / save

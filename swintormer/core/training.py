@@ -19,7 +19,17 @@ and calls :func:`run_training`; the engine does the rest, the same way for every
   scaler, step, and the RNG state of every process. Model and optimizer states are taken from
   the main process, which is right for DDP (accelerate's multi-process default); sharded
   optimizers (FSDP, DeepSpeed ZeRO) are not supported by this format;
-- exact resume from ``latest`` or a checkpoint folder;
+- exact resume from ``latest`` / ``auto`` or a checkpoint folder, under the run-folder rules
+  of :func:`swintormer.core.run_control.prepare_run_folder` (a used folder is never started
+  over silently; on resume the metrics log is cut back to the checkpoint's step). The run's
+  length ``max_steps`` is part of the recipe (it sets the schedule), so a checkpoint is resumed
+  only with the ``max_steps`` it was made for;
+- early stops that do not change the recipe (:class:`StopRules`): at a given step, before a
+  time limit (the margin is estimated from the measured step, checkpoint and validation
+  times), or on SIGTERM / SIGINT / SIGUSR1 (after the optimizer step in progress). Every step
+  the processes agree on stopping (one all-reduce of a small integer), so a signal to any of
+  them stops all at the same step with one checkpoint. The run then reports why it stopped
+  (:class:`TrainingResult`, ``RUN_DIR/status.json``) and does not export ``model/``;
 - a NaN/inf guard: a non-finite loss or gradient norm stops every process with
   :class:`NonFiniteLossError` naming the step; the last good checkpoint is left untouched;
 - progress bar with loss and speed, a JSON-lines log and TensorBoard when installed,
@@ -37,7 +47,9 @@ A pipeline's use, in full::
 The run folder then holds ``checkpoints/step_XXXXXXXX/`` (``model.safetensors``,
 ``ema.safetensors``, ``optimizer.safetensors`` + ``optimizer.json``, ``scheduler.json``,
 ``rng.safetensors``, ``grad_scaler.json`` with fp16, and ``trainer_state.json`` written last),
-``logs/metrics.jsonl``, ``logs/tensorboard/`` and ``model/`` (from ``save_final``).
+``logs/metrics.jsonl``, ``logs/tensorboard/``, ``status.json``, ``config.yaml`` (the
+``run_config`` given to :func:`run_training`) and ``model/`` (from ``save_final``, when the run
+reaches ``max_steps``).
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ import random
 import shutil
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -58,20 +71,36 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from swintormer.core import distributed
-from swintormer.core.config import ConfigError, SchedulerConfig, TrainingConfig
+from swintormer.core.config import ConfigError, SchedulerConfig, TrainingConfig, save_config
 from swintormer.core.files import atomic_folder, atomic_write_text, remove_stale_temporaries
+from swintormer.core.run_control import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_PREFIX,
+    EXIT_ABORTED,
+    EXIT_STOPPED,
+    STATE_FILE,
+    StopSignals,
+    check_max_steps,
+    cut_metrics_log,
+    prepare_run_folder,
+    seconds_since_process_start,
+    signal_name,
+    stop_signals,
+    write_status,
+)
 
 __all__ = [
     "LossStep",
     "TrainingTask",
     "TrainingResult",
+    "StopRules",
     "NonFiniteLossError",
     "ExponentialMovingAverage",
     "EpochShardSampler",
@@ -81,9 +110,8 @@ __all__ = [
     "run_training",
 ]
 
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_PREFIX = "step_"
-STATE_FILE = "trainer_state.json"  # written last inside a checkpoint: marks it complete
+# Checkpoints are CHECKPOINT_DIR/CHECKPOINT_PREFIX<step>/, with STATE_FILE written last: its
+# presence marks a complete checkpoint (the names live with the run-folder rules, run_control).
 
 #: ``loss_step(model, batch) -> (loss, logs)``; ``model`` is the prepared (maybe DDP) model,
 #: ``batch`` the collated batch already on the right device; ``logs`` maps names to floats or
@@ -115,12 +143,35 @@ class TrainingTask:
 
 
 @dataclass
+class StopRules:
+    """When a run stops before ``max_steps``, with a checkpoint; none of it changes the recipe.
+
+    ``after_steps``: stop at this step. ``time_limit``: seconds, counted from the start of the
+    process (:func:`~swintormer.core.run_control.seconds_since_process_start`); the run stops
+    when the next step and the writes it leads to (checkpoints as long as the slowest one so
+    far, validation as long as the last one), counted 25 % longer, would end past the limit. ``signals``: SIGTERM, SIGINT and
+    SIGUSR1 stop the run after the optimizer step in progress.
+    """
+
+    after_steps: int | None = None
+    time_limit: float | None = None
+    signals: bool = True
+
+
+@dataclass
 class TrainingResult:
     step: int
     last_checkpoint: Path | None
     final_model_dir: Path | None
     validation: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # per-step loss of this process
+    #: None when the run reached ``max_steps``; else why it stopped early: a signal's name
+    #: ("SIGTERM"), "time limit" or "stop after steps".
+    stop_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.stop_reason is None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -314,9 +365,9 @@ def make_accelerator(config: TrainingConfig, **kwargs: Any) -> Accelerator:
 
 
 def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    """Resolve ``--resume``: ``latest`` = newest complete checkpoint of ``output_dir`` (None if
-    there is none yet); otherwise a checkpoint folder that must exist and be complete."""
-    if resume == "latest":
+    """Resolve ``--resume``: ``latest`` / ``auto`` = newest complete checkpoint of ``output_dir``
+    (None if there is none yet); otherwise a checkpoint folder that must exist and be complete."""
+    if resume in ("latest", "auto"):
         folder = Path(output_dir) / CHECKPOINT_DIR
         complete = sorted(p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
         return complete[-1] if complete else None
@@ -388,14 +439,19 @@ class _Engine:
     """State of one run; see :func:`run_training`. Kept private: the public surface is the function."""
 
     def __init__(self, task: TrainingTask, config: TrainingConfig, output_dir: Path,
-                 accelerator: Accelerator, max_steps: int) -> None:
+                 accelerator: Accelerator, max_steps: int, stop: StopRules | None = None) -> None:
         self.task = task
         self.config = config
         self.output_dir = Path(output_dir)
         self.accelerator = accelerator
         self.max_steps = max_steps
+        self.stop = stop or StopRules()
         self.step = 0
         self.last_checkpoint: Path | None = None
+        # Measured durations (seconds) that the time limit's margin is estimated from.
+        self._step_seconds: deque[float] = deque(maxlen=20)  # the last steps' times
+        self._checkpoint_seconds: float | None = None
+        self._validation_seconds = 0.0
 
         model = task.model
         if config.gradient_checkpointing:
@@ -430,11 +486,16 @@ class _Engine:
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    @property
+    def global_batch(self) -> int:
+        return self.config.batch_size * self.config.grad_accum_steps * self.accelerator.num_processes
+
     # ---- checkpoints
 
     def save_checkpoint(self) -> Path:
         """Write checkpoint ``step_<step>``; every process must call this (RNG states are gathered)."""
         acc = self.accelerator
+        started = _clock()
         small_rng, tensor_rng = _rng_state()
         all_rng = gather_object([(acc.process_index, small_rng, tensor_rng)])
         folder = self.output_dir / CHECKPOINT_DIR / f"{CHECKPOINT_PREFIX}{self.step:08d}"
@@ -454,7 +515,7 @@ class _Engine:
                     _write_json(tmp / "grad_scaler.json", acc.scaler.state_dict())
                 rng_tensors = {f"rank{rank}.{k}": v.cpu() for rank, _, tensors in all_rng for k, v in tensors.items()}
                 save_file(rng_tensors, str(tmp / "rng.safetensors"))
-                state = {"step": self.step, "num_processes": acc.num_processes,
+                state = {"step": self.step, "max_steps": self.max_steps, "num_processes": acc.num_processes,
                          "batch_size": self.config.batch_size,
                          "grad_accum_steps": self.config.grad_accum_steps, "seed": self.config.seed,
                          "rng": {str(rank): small for rank, small, _ in all_rng}}
@@ -462,6 +523,7 @@ class _Engine:
             self._prune_checkpoints()
         acc.wait_for_everyone()
         self.last_checkpoint = folder
+        self._checkpoint_seconds = max(self._checkpoint_seconds or 0.0, _clock() - started)
         return folder
 
     def _prune_checkpoints(self) -> None:
@@ -472,12 +534,15 @@ class _Engine:
 
     def load_checkpoint(self, folder: Path) -> None:
         acc = self.accelerator
+        check_max_steps(folder, self.max_steps)
         state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-        load_model(self.unwrapped, str(folder / "model.safetensors"), device=str(acc.device))
+        # safetensors names devices its own way: "cpu" (not the "cpu:0" of a gloo process), "cuda:N".
+        device = "cpu" if acc.device.type == "cpu" else str(acc.device)
+        load_model(self.unwrapped, str(folder / "model.safetensors"), device=device)
         if self.ema is not None:
             ema_file = folder / "ema.safetensors"
             if ema_file.is_file():
-                self.ema.load_state_dict(load_file(str(ema_file), device=str(acc.device)))
+                self.ema.load_state_dict(load_file(str(ema_file), device=device))
             else:  # EMA switched on after the checkpoint: start the average from the weights
                 self.ema = self._new_ema()
         opt_small = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
@@ -488,10 +553,9 @@ class _Engine:
             acc.scaler.load_state_dict(json.loads((folder / "grad_scaler.json").read_text(encoding="utf-8")))
         self.step = int(state["step"])
         rank = str(acc.process_index)
-        if state["num_processes"] != acc.num_processes or state["batch_size"] != self.config.batch_size:
-            acc.print(f"warning: resuming with {acc.num_processes} processes × batch {self.config.batch_size} "
-                      f"from a checkpoint made with {state['num_processes']} × {state['batch_size']}: "
-                      "weights and optimizer are restored but the data order differs from an uninterrupted run")
+        note = _layout_change_note(state, acc.num_processes, self.config)
+        if note:
+            acc.print(note)
         if rank in state["rng"]:
             rng_tensors = load_file(str(folder / "rng.safetensors"))
             prefix = f"rank{rank}."
@@ -500,6 +564,56 @@ class _Engine:
         else:
             _seed_everything(self.config.seed + 1000 * acc.process_index + self.step)
         self.last_checkpoint = folder
+
+    # ---- stopping early
+
+    def _checkpoint_estimate(self) -> float:
+        """Seconds one checkpoint write takes: the slowest measured, or before any, the state's
+        size (weights, EMA, Adam's two moments) at 50 MB/s plus a second."""
+        if self._checkpoint_seconds is not None:
+            return self._checkpoint_seconds
+        weights = sum(t.numel() * t.element_size() for t in self.unwrapped.state_dict().values())
+        trained = sum(p.numel() * 4 for p in self.parameters)
+        return 1.0 + (weights + 3 * trained) / 50e6
+
+    def _time_limit_reached(self) -> bool:
+        """Whether step ``step + 1`` and the writes it leads to might end past the time limit."""
+        limit = self.stop.time_limit
+        if limit is None or not self._step_seconds:
+            return False
+        cfg = self.config
+        checkpoint = self._checkpoint_estimate()
+        now, following = self.step, self.step + 1
+
+        def validates(step: int) -> bool:
+            return self.task.validate is not None and step % cfg.validate_every_steps == 0
+
+        needed = max(self._step_seconds)
+        needed += checkpoint if now % cfg.checkpoint.every_steps == 0 else 0.0  # still to write for this step
+        needed += self._validation_seconds * (validates(now) + validates(following))
+        needed += checkpoint * (2 if following == self.max_steps else 1)  # checkpoint after it (+ export)
+        return seconds_since_process_start() + 1.25 * needed > limit
+
+    def _stop_reason(self, signals: StopSignals) -> str | None:
+        """Why every process stops after this step, or None; the same answer on every process."""
+        code = 0
+        if self.stop.signals and signals.requested is not None:
+            code = int(signals.requested)
+        elif self._time_limit_reached():
+            code = _STOP_FOR_TIME
+        if self.accelerator.num_processes > 1:  # one all-reduce: a request of any process stops all
+            flag = torch.tensor([code], dtype=torch.int64, device=self.accelerator.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            code = int(flag.item())
+        if code == _STOP_FOR_TIME:
+            return "time limit"
+        if code:
+            if signals.requested is None:  # another process's signal: remember it, as if received here
+                signals.request(code)
+            return signal_name(code)
+        if self.stop.after_steps is not None and self.step >= self.stop.after_steps:
+            return "stop after steps"
+        return None
 
     # ---- loop
 
@@ -510,20 +624,48 @@ class _Engine:
         if bad.item() > 0:
             raise NonFiniteLossError(self.step + 1, what, self.last_checkpoint)
 
-    def run(self, validate_at_end: bool = True) -> TrainingResult:
+    def run(self, signals: StopSignals, validate_at_end: bool = True) -> TrainingResult:
         acc, cfg, task = self.accelerator, self.config, self.task
         result = TrainingResult(step=self.step, last_checkpoint=self.last_checkpoint, final_model_dir=None)
-        logger = _RunLogger(self.output_dir / "logs", acc.is_main_process, cfg.logging.tensorboard)
+        logger = _RunLogger(self.output_dir / "logs", acc.is_main_process, cfg.logging.tensorboard,
+                            purge_step=self.step + 1 if self.step else None)
         batches = _batches(task.train_dataset, self.sampler, cfg.batch_size, self.step * cfg.grad_accum_steps,
                            cfg.num_workers, task.collate_fn, cfg.seed)
         progress = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                         disable=not (acc.is_main_process and cfg.logging.progress_bar))
         self.model.train()
-        images_per_step = cfg.batch_size * cfg.grad_accum_steps * acc.num_processes
-        window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+        images_per_step = self.global_batch
+        window_start, window_steps, window_loss = _clock(), 0, 0.0
         part_logs: dict[str, float] = {}  # sums over the logging window of the loss_step's logs
+
+        def log_window() -> None:
+            nonlocal window_start, window_steps, window_loss, part_logs
+            elapsed = max(_clock() - window_start, 1e-9)
+            mean_loss = self._mean_across_processes(window_loss / window_steps)
+            scalars = {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                       "steps_per_s": window_steps / elapsed,
+                       "images_per_s": window_steps * images_per_step / elapsed}
+            scalars.update({f"loss/{k}": self._mean_across_processes(v / window_steps)
+                            for k, v in sorted(part_logs.items())})
+            logger.log(self.step, scalars)
+            progress.set_postfix(loss=f"{mean_loss:.4g}", img_s=f"{scalars['images_per_s']:.2f}")
+            window_start, window_steps, window_loss = _clock(), 0, 0.0
+            part_logs = {}
+
+        def validate_and_log() -> None:
+            started = _clock()
+            metrics = self.validate()
+            self._validation_seconds = _clock() - started
+            if metrics is not None:
+                result.validation.append((self.step, metrics))
+                logger.log(self.step, {f"val/{k}": v for k, v in metrics.items()})
+                progress.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+        if self.stop.after_steps is not None and self.max_steps > self.step >= self.stop.after_steps:
+            result.stop_reason = "stop after steps"  # resumed at or after the requested stop: no step to take
         try:
-            while self.step < self.max_steps:
+            while self.step < self.max_steps and result.stop_reason is None:
+                step_started = _clock()
                 step_loss = 0.0
                 for micro in range(cfg.grad_accum_steps):
                     batch = _to_device(next(batches), acc.device)
@@ -547,41 +689,49 @@ class _Engine:
                 if self.ema is not None:
                     self.ema.update(self.unwrapped, self.step)
                 result.losses.append(step_loss)
+                self._step_seconds.append(_clock() - step_started)
 
                 window_steps += 1
                 window_loss += step_loss
                 progress.update(1)
-                if self.step % cfg.logging.every_steps == 0 or self.step == self.max_steps:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    mean_loss = self._mean_across_processes(window_loss / window_steps)
-                    scalars = {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
-                               "steps_per_s": window_steps / elapsed,
-                               "images_per_s": window_steps * images_per_step / elapsed}
-                    scalars.update({f"loss/{k}": self._mean_across_processes(v / window_steps)
-                                    for k, v in sorted(part_logs.items())})
-                    logger.log(self.step, scalars)
-                    progress.set_postfix(loss=f"{mean_loss:.4g}", img_s=f"{scalars['images_per_s']:.2f}")
-                    window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
-                    part_logs = {}
                 finished = self.step == self.max_steps
-                if self.step % cfg.checkpoint.every_steps == 0 or finished:
-                    self.save_checkpoint()
-                if task.validate is not None and (self.step % cfg.validate_every_steps == 0
-                                                  or (finished and validate_at_end)):
-                    metrics = self.validate()
-                    if metrics is not None:
-                        result.validation.append((self.step, metrics))
-                        logger.log(self.step, {f"val/{k}": v for k, v in metrics.items()})
-                        progress.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                if self.step % cfg.logging.every_steps == 0 or finished:
+                    log_window()
+                checkpoint_due = self.step % cfg.checkpoint.every_steps == 0 or finished
+                validation_due = task.validate is not None and (self.step % cfg.validate_every_steps == 0
+                                                                or (finished and validate_at_end))
+                validated = False
+                # Two decision points: after the step, and after the writes that follow it (so a
+                # signal that comes during a checkpoint or a validation stops before the next step).
+                # Both depend on the step only, so every process takes part in the same all-reduces.
+                stop_reason = None if finished else self._stop_reason(signals)
+                if stop_reason is None:
+                    if checkpoint_due:
+                        self.save_checkpoint()
+                    if validation_due:
+                        validate_and_log()
+                        validated = True
+                    if (checkpoint_due or validation_due) and not finished:
+                        stop_reason = self._stop_reason(signals)
+                if stop_reason is not None:
+                    if window_steps:
+                        log_window()  # the steps since the last log line are not trained again
+                    if self.last_checkpoint is None or self.last_checkpoint.name != _checkpoint_name(self.step):
+                        self.save_checkpoint()
+                    # A planned stop still validates when due; a signal or the clock skips it.
+                    if stop_reason == "stop after steps" and validation_due and not validated:
+                        validate_and_log()
+                    result.stop_reason = stop_reason
+                    break
         finally:
             progress.close()
             logger.close()
-        if self.step >= self.max_steps and (self.last_checkpoint is None or
-                                            not self.last_checkpoint.name.endswith(f"{self.step:08d}")):
+        if result.stop_reason is None and (self.last_checkpoint is None or
+                                           self.last_checkpoint.name != _checkpoint_name(self.step)):
             self.save_checkpoint()  # resumed at/after max_steps: still leave a checkpoint of the stop
         result.step = self.step
         result.last_checkpoint = self.last_checkpoint
-        if task.save_final is not None:
+        if task.save_final is not None and result.stop_reason is None:
             final_dir = self.output_dir / "model"
             if acc.is_main_process:
                 model = self.unwrapped
@@ -599,6 +749,9 @@ class _Engine:
         return float(self.accelerator.reduce(tensor, reduction="mean").item())
 
     def validate(self) -> dict[str, float] | None:
+        """The task's validation on the main process. The random number generators are put back
+        afterwards, so that a hook that draws from them cannot make a resumed run (which does not
+        repeat the validation of its checkpoint's step) differ from an uninterrupted one."""
         acc = self.accelerator
         metrics = None
         if acc.is_main_process:
@@ -606,50 +759,156 @@ class _Engine:
             was_training = model.training
             model.eval()
             use_ema = self.ema is not None and self.config.ema.use_for_validation
-            with torch.no_grad(), (self.ema.applied_to(model) if use_ema else nullcontext()):  # type: ignore[union-attr]
-                metrics = {k: float(v) for k, v in self.task.validate(model, self.step).items()}  # type: ignore[misc]
+            rng_small, rng_tensors = _rng_state()
+            try:
+                with torch.no_grad(), (self.ema.applied_to(model) if use_ema else nullcontext()):  # type: ignore[union-attr]
+                    metrics = {k: float(v) for k, v in self.task.validate(model, self.step).items()}  # type: ignore[misc]
+            finally:
+                _set_rng_state(rng_small, rng_tensors)
             model.train(was_training)
         acc.wait_for_everyone()
         return metrics
 
 
+_clock = time.perf_counter  # the timer of steps, checkpoints and validation (tests replace it)
+_STOP_FOR_TIME = 1_000  # above every signal number, so the all-reduce's maximum names the clock first
+
+
+def _checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def _layout_change_note(state: dict[str, Any], num_processes: int, config: TrainingConfig) -> str | None:
+    """What resuming with another process count or batch changes, in one line (None: nothing)."""
+    saved = (state["num_processes"], state["batch_size"], state.get("grad_accum_steps", 1))
+    now = (num_processes, config.batch_size, config.grad_accum_steps)
+    if saved == now:
+        return None
+    before, after = saved[0] * saved[1] * saved[2], now[0] * now[1] * now[2]
+    describe = "{} process(es) x batch {} x {} accumulation step(s)".format
+    if before == after:
+        change = (f"the global batch stays {after}, so each step draws the same samples of the same epoch "
+                  "(while the training set is a multiple of the global batch), summed in another order: "
+                  "close to, not bit-identical with, an uninterrupted run")
+    else:
+        change = (f"the global batch changes from {before} to {after}, so the steps from here on draw other "
+                  "samples than an uninterrupted run would")
+    return (f"note: resuming a checkpoint of {describe(*saved)} with {describe(*now)}: weights, EMA, optimizer, "
+            f"schedule and step are restored; {change}")
+
+
 def run_training(task: TrainingTask, config: TrainingConfig, output_dir: str | os.PathLike[str], *,
                  accelerator: Accelerator | None = None, max_steps: int | None = None,
-                 resume: str | None = None) -> TrainingResult:
-    """Train ``task`` for ``max_steps`` (default ``config.max_steps``) optimizer steps.
+                 resume: str | None = None, overwrite: bool = False, stop: StopRules | None = None,
+                 run_config: Any = None) -> TrainingResult:
+    """Train ``task`` for ``max_steps`` (default ``config.max_steps``) optimizer steps, or until a
+    :class:`StopRules` stop (``result.stop_reason``).
 
-    ``resume`` is ``"latest"`` (newest checkpoint in ``output_dir``; a fresh start when there
-    is none) or a checkpoint folder. Raises :class:`NonFiniteLossError` on NaN/inf (no
-    checkpoint is written for the bad step) and :class:`~swintormer.core.config.ConfigError` for
-    unusable settings.
+    ``resume``: None (``output_dir`` must be empty), ``"auto"`` (newest checkpoint of
+    ``output_dir``, a fresh start when there is none), ``"latest"`` (newest checkpoint, which must
+    exist) or a checkpoint folder; ``overwrite`` deletes a previous run in ``output_dir`` first
+    (:func:`~swintormer.core.run_control.prepare_run_folder`). ``run_config`` (a pydantic model)
+    is saved as ``config.yaml`` once the folder is ready. Raises :class:`NonFiniteLossError` on
+    NaN/inf (no checkpoint is written for the bad step) and
+    :class:`~swintormer.core.config.ConfigError` for unusable settings or folders.
     """
     accelerator = accelerator or make_accelerator(config)
     steps = max_steps if max_steps is not None else config.max_steps
+    output_dir = Path(output_dir)
+    checkpoint = _prepare_folder(accelerator, output_dir, resume, overwrite, steps)
     _seed_everything(config.seed + 1000 * accelerator.process_index)
-    engine = _Engine(task, config, Path(output_dir), accelerator, steps)
-    if resume is not None:
-        checkpoint = find_checkpoint(Path(output_dir), resume)
-        if checkpoint is None:
-            accelerator.print(f"no checkpoint in {Path(output_dir) / CHECKPOINT_DIR}; starting at step 0")
-        else:
+    engine = _Engine(task, config, output_dir, accelerator, steps, stop)
+    with stop_signals() as signals:
+        if checkpoint is not None:
             engine.load_checkpoint(checkpoint)
             accelerator.print(f"resumed from {checkpoint} at step {engine.step}")
-    return engine.run()
+        if accelerator.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            if checkpoint is not None:
+                cut_metrics_log(output_dir / "logs" / "metrics.jsonl", engine.step)
+            if run_config is not None:
+                save_config(run_config, output_dir / "config.yaml")
+            write_status(output_dir, "running", step=engine.step, max_steps=steps)
+        accelerator.wait_for_everyone()
+        try:
+            result = engine.run(signals)
+        except NonFiniteLossError as exc:
+            _final_status(accelerator, output_dir, "failed", engine, steps, reason=str(exc), exit_code=1)
+            raise
+        except KeyboardInterrupt:
+            _final_status(accelerator, output_dir, "aborted", engine, steps, reason="second SIGINT",
+                          exit_code=EXIT_ABORTED, wait=False)
+            raise
+        if result.stop_reason is None:
+            _final_status(accelerator, output_dir, "finished", engine, steps, exit_code=0)
+        else:
+            code = 0 if result.stop_reason == "stop after steps" else EXIT_STOPPED
+            _final_status(accelerator, output_dir, "stopped", engine, steps, reason=result.stop_reason, exit_code=code)
+    return result
+
+
+def _prepare_folder(accelerator: Accelerator, output_dir: Path, resume: str | None, overwrite: bool,
+                    max_steps: int) -> Path | None:
+    """:func:`prepare_run_folder` on the main process; its answer (or error) reaches every process."""
+    answer: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            checkpoint, lines = prepare_run_folder(output_dir, resume, overwrite, max_steps)
+            for line in lines:
+                print(line)
+            answer = [("ok", str(checkpoint) if checkpoint is not None else None)]
+        except ConfigError as exc:
+            answer = [("error", str(exc))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(answer)
+    kind, value = answer[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return Path(value) if value is not None else None
+
+
+def _final_status(accelerator: Accelerator, output_dir: Path, state: str, engine: _Engine, max_steps: int,
+                  wait: bool = True, **fields: Any) -> None:
+    """``status.json`` by the main process; the other processes wait for it, so that a launcher
+    that stops them when one exits cannot interrupt its writing."""
+    if accelerator.is_main_process:
+        last = engine.last_checkpoint
+        write_status(output_dir, state, step=engine.step, max_steps=max_steps,
+                     checkpoint=str(last.relative_to(output_dir)) if last is not None and last.is_relative_to(output_dir)
+                     else (str(last) if last else None), **fields)
+    if wait and accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
 
 
 def train_and_report(task: TrainingTask, config: TrainingConfig, output_dir: str | os.PathLike[str], *,
-                     accelerator: Accelerator, resume: str | None, saved: str = "model") -> int:
-    """:func:`run_training` for a pipeline's ``main``: one ``error:`` line and an exit code
-    (1 for a non-finite loss, 2 for unusable settings) instead of a traceback, and a closing
-    line naming the saved ``saved`` and the last validation scores. Returns the exit code."""
+                     accelerator: Accelerator, resume: str | None, saved: str = "model",
+                     overwrite: bool = False, stop: StopRules | None = None, run_config: Any = None) -> int:
+    """:func:`run_training` for a pipeline's ``main``: one line and an exit code instead of a
+    traceback, and a closing line naming the saved ``saved`` and the last validation scores.
+
+    Exit codes: 0 the run reached ``max_steps`` (or ``stop.after_steps``); 75
+    (:data:`~swintormer.core.run_control.EXIT_STOPPED`) stopped by a signal or the time limit,
+    with a checkpoint to resume; 1 non-finite loss; 2 unusable settings or run folder; 130
+    aborted by a second SIGINT.
+    """
     try:
-        result = run_training(task, config, output_dir, accelerator=accelerator, resume=resume)
+        result = run_training(task, config, output_dir, accelerator=accelerator, resume=resume,
+                              overwrite=overwrite, stop=stop, run_config=run_config)
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("aborted by a second SIGINT; no checkpoint was written for the step in progress", file=sys.stderr)
+        return EXIT_ABORTED
+    if result.stop_reason is not None:
+        code = 0 if result.stop_reason == "stop after steps" else EXIT_STOPPED
+        if accelerator.is_main_process:
+            print(f"stopped at step {result.step} of {config.max_steps} ({result.stop_reason}); checkpoint "
+                  f"{result.last_checkpoint}; continue with --resume auto (exit code {code})", file=sys.stderr)
+        return code
     if accelerator.is_main_process:
         last = result.validation[-1] if result.validation else None
         scores = f"; validation at step {last[0]}: " + ", ".join(f"{k} {v:.4f}" for k, v in last[1].items()) if last else ""
@@ -676,9 +935,12 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 class _RunLogger:
-    """JSON lines in ``logs/metrics.jsonl`` and TensorBoard scalars, main process only."""
+    """JSON lines in ``logs/metrics.jsonl`` and TensorBoard scalars, main process only.
 
-    def __init__(self, folder: Path, enabled: bool, tensorboard: bool) -> None:
+    A resumed run passes ``purge_step`` (its first step): TensorBoard then hides the events a
+    stopped run logged from that step on, as the JSON log is cut back to the checkpoint."""
+
+    def __init__(self, folder: Path, enabled: bool, tensorboard: bool, purge_step: int | None = None) -> None:
         self.enabled = enabled
         self.writer = None
         self.folder = folder
@@ -691,7 +953,7 @@ class _RunLogger:
             except ImportError:  # tensorboard is optional
                 SummaryWriter = None  # type: ignore[assignment,misc]
             if SummaryWriter is not None:
-                self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"))
+                self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"), purge_step=purge_step)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
