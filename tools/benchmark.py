@@ -94,7 +94,7 @@ class Profile:
     speed_image: int  # side of the square image for the per-architecture inference cost
     forward_runs: int
     deblur_sizes: tuple[tuple[int, int], ...]  # (width, height) for the speed table
-    records: bool  # also run the other issues' measurement tools
+    records: bool  # also run the standalone measurement tools (prior sampling, cache kill/resume, training step)
     default_eval_options: tuple[str, ...] = ()  # extra options of tools/evaluate_default_model.py
 
 
@@ -286,9 +286,10 @@ def train_prior(bench: Bench, profile: Profile, train: Path) -> Path:
     """Stage one from random weights: the VQGAN, then the conditional UNet on top of it."""
     runs = bench.work / "prior"
     bench.run("prior_vq", [PYTHON, "-m", "pipelines.train_prior", "--config", profile.prior_vq_config,
-                           "--data", str(train), "--output", str(runs / "vq")])
+                           "--data", str(train), "--output", str(runs / "vq"), "--resume", "auto"])
     bench.run("prior_unet", [PYTHON, "-m", "pipelines.train_prior", "--config", profile.prior_unet_config,
-                             "--data", str(train), "--output", str(runs / "unet"), f"model.source={runs / 'vq' / 'model'}"])
+                             "--data", str(train), "--output", str(runs / "unet"), "--resume", "auto",
+                             f"model.source={runs / 'vq' / 'model'}"])
     return runs / "unet" / "model"
 
 
@@ -405,7 +406,7 @@ def run_ablation(bench: Bench, profile: Profile, rows: list[Row], caches: dict[i
         for seed in row.seeds:
             run_name = f"{row.key}_s{seed}_{tag}"
             command = [PYTHON, "-m", "pipelines.train_swintormer", "--config", profile.swintormer_config,
-                       "--data", str(splits["train"]), "--output", str(bench.work / "runs" / run_name),
+                       "--data", str(splits["train"]), "--output", str(bench.work / "runs" / run_name), "--resume", "auto",
                        f"train.seed={seed}", *row.overrides]
             if row.prior_steps is not None:
                 command.append(f"data.prior.path={caches[row.prior_steps]['train']}")
@@ -568,13 +569,13 @@ def _write_speed_inputs(model_dir: Path, images: Path, sizes: tuple[tuple[int, i
 
 
 def other_records(bench: Bench) -> list[dict[str, str]]:
-    """The other issues' measurement tools, run as they are; their output is quoted verbatim."""
+    """The standalone measurement tools, run as they are; their output is quoted verbatim."""
     tools = [
-        ("Prior sampling, `ldm-sr4x` architecture, random weights, T = 50 (issue 4)", "prior_sampling",
+        ("Prior sampling, `ldm-sr4x` architecture, random weights, T = 50", "prior_sampling",
          [PYTHON, "tools/benchmark_prior_sampling.py", "--config", "ldm-sr4x", "--steps", "50"]),
-        ("Prior cache: kill -9 and resume, two processes against one (issue 4)", "kill_resume",
+        ("Prior cache: kill -9 and resume, two processes against one", "kill_resume",
          [PYTHON, "tools/check_cache_kill_resume.py", "--trials", "2", "--kills", "2", "--processes", "2"]),
-        ("Training step of the `paper` preset, 256×256, batch 1 (issue 5)", "training_step",
+        ("Training step of the `paper` preset, 256×256, batch 1", "training_step",
          [PYTHON, "tools/benchmark_training.py", "--preset", "paper", "--size", "256", "--batch", "1",
           "--steps", "3", "--warmup", "1"]),
     ]

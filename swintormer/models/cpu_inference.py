@@ -128,7 +128,7 @@ def packs_linear(tokens: torch.Tensor) -> bool:
 # module → {key: cached value}. Weak keys: a cache lives only as long as its module, and nothing
 # joins the module's own state (state_dict, deepcopy).
 _caches: "weakref.WeakKeyDictionary[nn.Module, dict[Hashable, Any]]" = weakref.WeakKeyDictionary()
-_CACHE_ENTRIES = 16  # per module; many input sizes in one session would otherwise grow it
+_CACHE_ENTRIES = 16  # per module; many input sizes in one process would otherwise grow it
 
 
 def _cache(module: nn.Module) -> dict[Hashable, Any]:

@@ -3,7 +3,7 @@ activation and the discriminative frequency-domain gating feed-forward.
 
 The seed paper ("深度稀疏门控Transformer图像去模糊模型", a deep sparse gated transformer for
 image deblurring) publishes no code and gives no equations beyond naming its ingredients, so
-this file builds each ingredient from the published work it names (SPEC sections 2 and 7.2):
+this file builds each ingredient from the published work it names:
 
 - :class:`TopKChannelAttention` follows DRSformer's top-k sparse attention, TKSA (Chen et al.,
   "Learning a Sparse Transformer Network for Effective Image Deraining", CVPR 2023), which is
@@ -32,8 +32,8 @@ Choices made where the seed paper is silent (each repeated in the docstring it c
   by reflection to the next multiple, filtered, and cropped back (replicate padding where a side
   is too short to reflect). Because each patch is filtered on its own, only the last row and
   column of patches see padded pixels; the patch grid stays anchored at the top-left corner.
-- The seed's "self-attention solver that fuses spatial and channel features" is read as SPEC
-  section 2 reads it: channel attention (its 3×3 depth-wise q/k/v convolutions bring the local
+- The paper's "self-attention solver that fuses spatial and channel features" is read as:
+  channel attention (its 3×3 depth-wise q/k/v convolutions bring the local
   spatial context) followed by the frequency gating feed-forward for the spatial fusion. The
   block has no windows and no shift; every block of a stage is the same.
 

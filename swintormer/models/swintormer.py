@@ -1,7 +1,8 @@
 """The Swintormer network: a four-level Restormer-style U-Net of shifted-window blocks.
 
 The reference implementation: it computes the function of the authors' public Swintormer code
-(SPEC section 1; proven by ``tests/test_swintormer_reference.py``) under their parameter names,
+("Efficient Image Deblurring Networks based on Diffusion Models"; proven by
+``tests/test_swintormer_reference.py``) under their parameter names,
 so their checkpoints load unchanged. ``swintormer.models.cpu_inference`` makes it faster on CPUs.
 
     x (N×C×H×W in [0, 1]) → 2x − 1 → pixel-unshuffle 2, 3×3 conv      level 1: H/2,  dim
