@@ -31,8 +31,9 @@ import torch
 from pydantic import Field, ValidationError
 
 from ldm_prior.trainer import PriorLossSettings, PriorValidationSettings
-from pipelines.training_setup import discover_training_pairs, load_run_config, resolve_splits
-from swintormer.core.config import EXIT_CODES_HELP, ConfigError, StrictModel, TrainingConfig, add_run_arguments
+from pipelines.training_setup import (discover_training_pairs, load_run_config, resolve_splits, run_with_stop_signals,
+                                      start_training, training_parser)
+from swintormer.core.config import ConfigError, StrictModel, TrainingConfig
 
 
 # --------------------------------------------------------------------------- schema
@@ -122,25 +123,17 @@ def load_model(config: PriorTrainConfig):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train_prior",
-        description="Fine-tune the latent-diffusion prior (stage one) on blurry/sharp pairs: frozen VQ encoder "
-                    "and UNet backbone, trainable parameters chosen by name patterns (printed with their "
-                    "counts). Run under 'accelerate launch' for several processes or GPUs; the same command "
-                    "works on one CPU. Override any config value with key.sub=value (parsed as YAML), e.g. "
-                    "objective=vq_decoder mode=quarter train.batch_size=2.",
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_run_arguments(parser)
-    return parser
+    return training_parser(
+        "train_prior",
+        "Fine-tune the latent-diffusion prior (stage one) on blurry/sharp pairs: frozen VQ encoder "
+        "and UNet backbone, trainable parameters chosen by name patterns (printed with their "
+        "counts). Run under 'accelerate launch' for several processes or GPUs; the same command "
+        "works on one CPU. Override any config value with key.sub=value (parsed as YAML), e.g. "
+        "objective=vq_decoder mode=quarter train.batch_size=2.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from swintormer.core.run_control import stop_signals
-
-    with stop_signals():  # from the start: a signal during set-up stops the run after its first step
-        return _main(argv)
+    return run_with_stop_signals(_main, argv)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -148,7 +141,7 @@ def _main(argv: list[str] | None) -> int:
     from ldm_prior.finetune import check_patch_size, select_for_objective
     from ldm_prior.trainer import PriorTrainer, latent_scale_of_patches, make_validation
     from swintormer.core.data.paired import PairedImageDataset, PairedPatchDataset
-    from swintormer.core.training import StopRules, make_accelerator, train_and_report
+    from swintormer.core.training import make_accelerator
 
     try:
         config, flags = load_run_config(PriorTrainConfig, build_parser(), argv)
@@ -177,10 +170,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
 
     accelerator.print(trainer.describe(selection))
-    return train_and_report(trainer.training_task(train_set, validate), config.train, Path(config.output_dir),
-                            accelerator=accelerator, resume=flags.resume, overwrite=flags.overwrite,
-                            run_config=config, saved="prior",
-                            stop=StopRules(after_steps=flags.stop_after_steps, time_limit=flags.time_limit))
+    return start_training(trainer.training_task(train_set, validate), config, flags, accelerator, saved="prior")
 
 
 if __name__ == "__main__":

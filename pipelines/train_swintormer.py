@@ -33,8 +33,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pipelines.training_setup import discover_training_pairs, load_run_config, resolve_splits
-from swintormer.core.config import EXIT_CODES_HELP, ConfigError, StrictModel, TrainingConfig, add_run_arguments
+from pipelines.training_setup import (discover_training_pairs, load_run_config, resolve_splits, run_with_stop_signals,
+                                      start_training, training_parser)
+from swintormer.core.config import ConfigError, StrictModel, TrainingConfig
 from swintormer.core.data.degradations import DegradationConfig
 from swintormer.losses import LossConfig, MissingWeightsError, build_loss
 
@@ -203,28 +204,21 @@ def make_validation(config: SwintormerTrainConfig, dataset):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train_swintormer",
-        description="Train the Swintormer deblurring network (stage two) on blurry/sharp pairs, with "
-                    "or without a diffusion prior. Run it under 'accelerate launch' for several "
-                    "processes or GPUs; the same command works on one CPU. Any config value can be "
-                    "overridden with key.sub=value (value parsed as YAML), e.g. train.batch_size=4 "
-                    "model.in_channels=3 loss.vgg.weights_path=/weights/vgg19-dcbbe01f.pth.",
-        epilog=EXIT_CODES_HELP,
-    )
-    add_run_arguments(parser)
-    return parser
+    return training_parser(
+        "train_swintormer",
+        "Train the Swintormer deblurring network (stage two) on blurry/sharp pairs, with "
+        "or without a diffusion prior. Run it under 'accelerate launch' for several "
+        "processes or GPUs; the same command works on one CPU. Any config value can be "
+        "overridden with key.sub=value (value parsed as YAML), e.g. train.batch_size=4 "
+        "model.in_channels=3 loss.vgg.weights_path=/weights/vgg19-dcbbe01f.pth.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from swintormer.core.run_control import stop_signals
-
-    with stop_signals():  # from the start: a signal during set-up stops the run after its first step
-        return _main(argv)
+    return run_with_stop_signals(_main, argv)
 
 
 def _main(argv: list[str] | None) -> int:
-    from swintormer.core.training import StopRules, TrainingTask, make_accelerator, train_and_report
+    from swintormer.core.training import TrainingTask, make_accelerator
 
     try:
         config, flags = load_run_config(SwintormerTrainConfig, build_parser(), argv)
@@ -263,9 +257,7 @@ def _main(argv: list[str] | None) -> int:
 
     task = TrainingTask(model=model, loss_step=loss_step, train_dataset=train_set, aux_modules=[loss],
                         validate=validate, save_final=save_final)
-    return train_and_report(task, config.train, output_dir, accelerator=accelerator, resume=flags.resume,
-                            overwrite=flags.overwrite, run_config=config, saved="model",
-                            stop=StopRules(after_steps=flags.stop_after_steps, time_limit=flags.time_limit))
+    return start_training(task, config, flags, accelerator, saved="model")
 
 
 if __name__ == "__main__":

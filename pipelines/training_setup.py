@@ -1,18 +1,46 @@
-"""What both training pipelines (stage one and stage two) do before training: apply the run
-flags to the config, find the training and validation splits, and discover their pairs, with
-every user error as a ``ConfigError`` that the pipeline reports in one line."""
+"""What both training pipelines (stage one and stage two) share around their own set-up: the
+command line, the run flags applied to the config, the training and validation splits and their
+pairs (every user error a ``ConfigError`` that the pipeline reports in one line), the signal
+handling around the whole run, and the hand-over to the training engine."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
-from swintormer.core.config import ConfigError, load_config, run_flags_from_args
+from swintormer.core.config import EXIT_CODES_HELP, ConfigError, add_run_arguments, load_config, run_flags_from_args
 
 VAL_SPLIT_NAMES = ("test", "val", "validation")
 Config = TypeVar("Config")
+
+
+def training_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A training pipeline's command line: its config, the run flags and ``key=value`` overrides."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=EXIT_CODES_HELP,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_arguments(parser)
+    return parser
+
+
+def run_with_stop_signals(body: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    """Run a pipeline's ``body(argv)`` with SIGTERM/SIGINT/SIGUSR1 turned into a checkpointed
+    stop from the start: a signal during set-up stops the run after its first step."""
+    from swintormer.core.run_control import stop_signals
+
+    with stop_signals():
+        return body(argv)
+
+
+def start_training(task: Any, config: Any, flags: Any, accelerator: Any, saved: str) -> int:
+    """Hand a ``TrainingTask`` to the engine with the run flags' resume, overwrite and stop rules."""
+    from swintormer.core.training import StopRules, train_and_report
+
+    return train_and_report(task, config.train, Path(config.output_dir), accelerator=accelerator,
+                            resume=flags.resume, overwrite=flags.overwrite, run_config=config, saved=saved,
+                            stop=StopRules(after_steps=flags.stop_after_steps, time_limit=flags.time_limit))
 
 
 def load_run_config(schema: type[Config], parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[Config, Any]:

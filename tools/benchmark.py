@@ -53,7 +53,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -823,20 +822,9 @@ def render_default_by_kind(entry: dict[str, Any] | None, corpus: str) -> list[st
 
 
 def machine() -> dict[str, Any]:
-    import torch
+    from tools.evaluate_default_model import machine as describe_machine
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU used"
-    return {"cpu": cpu, "cores": cores, "torch": torch.__version__, "platform": platform.platform(),
-            "description": f"{cpu}, {cores} cores ({gpu}), PyTorch {torch.__version__}, {platform.system()} {platform.release()}"}
+    return describe_machine()
 
 
 def _step_span(records: dict[str, Any]) -> tuple[str | None, str | None]:

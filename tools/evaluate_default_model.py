@@ -643,6 +643,9 @@ def write_sheet(path: Path, sheet: np.ndarray) -> int:
 
 
 def machine() -> dict[str, Any]:
+    """The machine a report was measured on: CPU model, cores, GPU, PyTorch, OS."""
+    import torch
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -651,7 +654,11 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    cores = os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU used"
+    return {"cpu": cpu, "cores": cores, "torch": torch.__version__, "platform": platform.platform(),
+            "python": platform.python_version(),
+            "description": f"{cpu}, {cores} cores ({gpu}), PyTorch {torch.__version__}, {platform.system()} {platform.release()}"}
 
 
 def _method_label(method: str, report: dict[str, Any]) -> str:

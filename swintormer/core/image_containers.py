@@ -203,10 +203,10 @@ def webp_is_lossless(data: bytes) -> bool:
 TIFF_ORIENTATION = 274
 
 
-def tiff_with_orientation_reset(data: bytes) -> bytes | None:
-    """A copy of a classic (non-Big) TIFF whose first IFD's orientation tag reads 1, or None
-    when the file has no such tag."""
-    if data[:2] not in (b"II", b"MM"):
+def _tiff_first_ifd(data: bytes) -> tuple[str, list[tuple[int, int, int, int]]] | None:
+    """The byte order and the ``(offset, tag, type, count)`` of each entry of a classic
+    (non-Big) TIFF's first IFD that lies inside ``data``; None for anything else."""
+    if data[:2] not in (b"II", b"MM") or len(data) < 8:
         return None
     order = "<" if data[:2] == b"II" else ">"
     if struct.unpack(order + "H", data[2:4])[0] != 42:
@@ -214,12 +214,23 @@ def tiff_with_orientation_reset(data: bytes) -> bytes | None:
     ifd = struct.unpack(order + "I", data[4:8])[0]
     if ifd + 2 > len(data):
         return None
-    count = struct.unpack(order + "H", data[ifd : ifd + 2])[0]
-    for index in range(count):
+    entries = []
+    for index in range(struct.unpack(order + "H", data[ifd : ifd + 2])[0]):
         entry = ifd + 2 + 12 * index
         if entry + 12 > len(data):
             return None
-        tag, kind, number = struct.unpack(order + "HHI", data[entry : entry + 8])
+        entries.append((entry, *struct.unpack(order + "HHI", data[entry : entry + 8])))
+    return order, entries
+
+
+def tiff_with_orientation_reset(data: bytes) -> bytes | None:
+    """A copy of a classic (non-Big) TIFF whose first IFD's orientation tag reads 1, or None
+    when the file has no such tag."""
+    parsed = _tiff_first_ifd(data)
+    if parsed is None:
+        return None
+    order, entries = parsed
+    for entry, tag, kind, number in entries:
         if tag == TIFF_ORIENTATION and kind == 3 and number == 1:  # one SHORT, stored in the entry
             patched = bytearray(data)
             patched[entry + 8 : entry + 10] = struct.pack(order + "H", 1)
@@ -230,21 +241,12 @@ def tiff_with_orientation_reset(data: bytes) -> bytes | None:
 def tiff_size(data: bytes) -> tuple[int, int] | None:
     """``(width, height)`` from the first IFD of a classic TIFF (tags 256 and 257), or None when
     the IFD lies beyond ``data`` or the file is a BigTIFF."""
-    if data[:2] not in (b"II", b"MM") or len(data) < 8:
+    parsed = _tiff_first_ifd(data)
+    if parsed is None:
         return None
-    order = "<" if data[:2] == b"II" else ">"
-    if struct.unpack(order + "H", data[2:4])[0] != 42:
-        return None
-    ifd = struct.unpack(order + "I", data[4:8])[0]
-    if ifd + 2 > len(data):
-        return None
-    count = struct.unpack(order + "H", data[ifd : ifd + 2])[0]
+    order, entries = parsed
     found: dict[int, int] = {}
-    for index in range(count):
-        entry = ifd + 2 + 12 * index
-        if entry + 12 > len(data):
-            return None
-        tag, kind, number = struct.unpack(order + "HHI", data[entry : entry + 8])
+    for entry, tag, kind, number in entries:
         if tag in (256, 257) and number == 1 and kind in (3, 4):
             found[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), data[entry + 8 : entry + (10 if kind == 3 else 12)])[0]
     return (found[256], found[257]) if len(found) == 2 else None

@@ -108,14 +108,10 @@ class ImageReadError(ValueError):
     """An image file could not be read; the message names the file."""
 
 
-@dataclass(frozen=True)
-class LoadedImage:
-    """A decoded image: float32 H×W×3 RGB ``pixels`` in [0, 1], the file's ``bit_depth`` (8 or
-    16) and the ``path`` it came from."""
+class _ImageSize:
+    """``height`` and ``width`` of an image class's H×W×C ``pixels``."""
 
     pixels: np.ndarray
-    bit_depth: int
-    path: Path
 
     @property
     def height(self) -> int:
@@ -124,6 +120,16 @@ class LoadedImage:
     @property
     def width(self) -> int:
         return int(self.pixels.shape[1])
+
+
+@dataclass(frozen=True)
+class LoadedImage(_ImageSize):
+    """A decoded image: float32 H×W×3 RGB ``pixels`` in [0, 1], the file's ``bit_depth`` (8 or
+    16) and the ``path`` it came from."""
+
+    pixels: np.ndarray
+    bit_depth: int
+    path: Path
 
 
 def _sniff_container(head: bytes) -> str | None:
@@ -293,7 +299,7 @@ def write_image(path: str | os.PathLike[str], pixels: np.ndarray, bit_depth: int
     return path
 
 
-def list_images(folder: str | os.PathLike[str]) -> list[Path]:
+def list_images(folder: str | os.PathLike[str], extensions: frozenset[str] = IMAGE_EXTENSIONS) -> list[Path]:
     """The image files (by extension, case-insensitive) directly inside ``folder``, sorted by
     name; hidden files (temporary files of atomic writes) are skipped."""
     folder = Path(folder)
@@ -302,7 +308,7 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     return sorted(
         entry
         for entry in folder.iterdir()
-        if entry.is_file() and not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_EXTENSIONS
+        if entry.is_file() and not entry.name.startswith(".") and entry.suffix.lower() in extensions
     )
 
 
@@ -355,7 +361,7 @@ class ImageHeader:
 
 
 @dataclass
-class ImageFile:
+class ImageFile(_ImageSize):
     """A photo decoded for processing, with what is needed to write it back faithfully.
 
     ``pixels`` are float32 H×W×3 RGB in [0, 1], upright, in the file's encoded values (grayscale
@@ -378,14 +384,6 @@ class ImageFile:
     png_chunks: tuple[tuple[bytes, bytes], ...] = ()  # (type, body) carried PNG → PNG
     notes: list[str] = field(default_factory=list)  # what was changed on reading, for the user
     path: Path | None = None
-
-    @property
-    def height(self) -> int:
-        return int(self.pixels.shape[0])
-
-    @property
-    def width(self) -> int:
-        return int(self.pixels.shape[1])
 
     @property
     def grayscale(self) -> bool:
@@ -1039,11 +1037,4 @@ def _encode_png_file(image: ImageFile, samples: np.ndarray, alpha: np.ndarray | 
 
 def list_photos(folder: str | os.PathLike[str]) -> list[Path]:
     """:func:`list_images` for :data:`PHOTO_EXTENSIONS` (WebP and HEIC/HEIF too)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder")
-    return sorted(
-        entry
-        for entry in folder.iterdir()
-        if entry.is_file() and not entry.name.startswith(".") and entry.suffix.lower() in PHOTO_EXTENSIONS
-    )
+    return list_images(folder, PHOTO_EXTENSIONS)
