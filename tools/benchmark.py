@@ -574,13 +574,16 @@ def other_records(bench: Bench) -> list[dict[str, str]]:
          [PYTHON, "tools/benchmark_prior_sampling.py", "--config", "ldm-sr4x", "--steps", "50"]),
         ("Prior cache: kill -9 and resume, two processes against one", "kill_resume",
          [PYTHON, "tools/check_cache_kill_resume.py", "--trials", "2", "--kills", "2", "--processes", "2"]),
+        ("Training stopped at random moments (SIGTERM, SIGINT, SIGUSR1, --stop-after-steps, kill -9) and "
+         "resumed, against one uninterrupted run", "training_kill_resume",
+         [PYTHON, "tools/check_training_kill_resume.py", "--interruptions", "7"]),
         ("Training step of the `paper` preset, 256×256, batch 1", "training_step",
          [PYTHON, "tools/benchmark_training.py", "--preset", "paper", "--size", "256", "--batch", "1",
           "--steps", "3", "--warmup", "1"]),
     ]
     records = []
     for title, name, command in tools:
-        threads = 1 if name == "kill_resume" else None
+        threads = 1 if name in ("kill_resume", "training_kill_resume") else None
         record = bench.run(f"record_{name}", command, threads=threads)
         output = [line for line in bench.output_of(f"record_{name}").splitlines()[1:] if "it/s]" not in line]
         records.append({"title": title, "command": record["command"], "output": "\n".join(output[-12:])})
