@@ -6,7 +6,7 @@ a terminal.
 Drop a photo on the page: it is deblurred on this computer with the default model (on the CPU
 unless ``--device`` says otherwise), the page shows the original and the result side by side
 under a slider, and *Download* gives the result file with its metadata: the same bytes
-``swintormer deblur`` writes for the same settings (both call :func:`pipelines.photo.restore_photo`).
+``swintormer deblur`` writes for the same settings (both call :func:`swintormer.photo.restore_photo`).
 Tile, stride and precision are the page's advanced settings.
 
 The server is Python's own ``http.server`` and the page (``app_page.html``, beside this file) is
@@ -111,7 +111,7 @@ class App:
     """The model, the job list and the worker thread behind the HTTP handler."""
 
     def __init__(self, pipe: DeblurPipeline, max_megapixels: float) -> None:
-        from pipelines.photo import PhotoOptions
+        from swintormer.photo import PhotoOptions
 
         self.pipe = pipe
         self.options = PhotoOptions(max_megapixels=max_megapixels)
@@ -162,7 +162,7 @@ class App:
                 job.seconds = time.perf_counter() - started
 
     def _run(self, job: Job) -> None:
-        from pipelines.photo import pipeline_settings, restore_photo
+        from swintormer.photo import pipeline_settings, restore_photo
         from swintormer.core.image_io import output_file_name, read_image_file
 
         update = {"precision": job.precision}

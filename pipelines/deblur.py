@@ -12,7 +12,7 @@ from plain prior files (``--prior-folder``); a 3-channel (no-prior) model needs 
 Outputs keep the input's file name, format and bit depth (``photo.jpg`` → ``DIR/photo.jpg``,
 16-bit PNG/TIFF stay 16-bit; HEIC is written as JPEG), its ICC profile, EXIF (orientation reset
 to 1, since the pixels are written upright, and a Software tag), XMP, alpha channel and
-grayscale-ness (:mod:`pipelines.photo`, :mod:`swintormer.core.image_io`); ``--format`` and
+grayscale-ness (:mod:`swintormer.photo`, :mod:`swintormer.core.image_io`); ``--format`` and
 ``--quality`` override the format; ``--to-srgb`` converts the colour to sRGB. Files are written
 atomically. An input is never overwritten: an output folder equal to an input folder is refused,
 and so is any output path that is also an input file; an existing output is an error for its
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    from pipelines.photo import PhotoOptions, restore_photo
+    from swintormer.photo import PhotoOptions, restore_photo
     from swintormer.core.files import atomic_write_bytes, remove_stale_temporaries
     from swintormer.core.image_io import ImageTooLargeError
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.photo import MEMORY_SHARE, PhotoError, fit_settings, image_bytes, window_bytes
+from swintormer.photo import MEMORY_SHARE, PhotoError, fit_settings, image_bytes, window_bytes
 from swintormer.core.image_containers import PNG_SIGNATURE, png_chunk
 from swintormer.models import Swintormer, SwintormerConfig
 from swintormer.pipeline import DeblurPipeline
@@ -252,14 +252,14 @@ def test_ctrl_c_stops_after_the_image_in_progress(model_dir: Path, tmp_path: Pat
 def test_any_exception_is_one_line_for_its_image_and_the_rest_goes_on(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipelines.photo
+    import swintormer.photo
     from pipelines import deblur
 
     folder = tmp_path / "in"
     folder.mkdir()
     for name, seed in (("a.png", 40), ("b.png", 41), ("c.png", 42)):
         (folder / name).write_bytes(png_bytes(random_u8((20, 24, 3), seed)))
-    real = pipelines.photo.restore_photo
+    real = swintormer.photo.restore_photo
 
     def flaky(source, *args, **kwargs):
         if Path(source).name == "a.png":
@@ -268,7 +268,7 @@ def test_any_exception_is_one_line_for_its_image_and_the_rest_goes_on(
             raise RuntimeError("a kernel failed\nwith a second line")
         return real(source, *args, **kwargs)
 
-    monkeypatch.setattr(pipelines.photo, "restore_photo", flaky)
+    monkeypatch.setattr(swintormer.photo, "restore_photo", flaky)
     code = deblur.main([str(folder), "--output", str(tmp_path / "out"), "--model", str(model_dir),
                         "--tile", str(TILE), "--no-progress"])
     err = capsys.readouterr().err

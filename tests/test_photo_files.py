@@ -16,7 +16,7 @@ from icc_profiles import display_p3_profile
 from PIL import Image, ImageCms, ImageOps, JpegImagePlugin
 
 from pipelines import deblur
-from pipelines.photo import SOFTWARE
+from swintormer.photo import SOFTWARE
 from swintormer.core import colour, image_io
 from swintormer.core.image_containers import webp_is_lossless
 from swintormer.core.image_io import quantize, read_image_file
