@@ -27,7 +27,20 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``tiny`` 3-channel Swintormer with seed-0 random weights, saved as a model folder."""
+    import torch
+
+    from swintormer.models import Swintormer, SwintormerConfig
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("models") / "tiny3"
+    Swintormer(SwintormerConfig.preset("tiny", in_channels=3)).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
 def reference_dir() -> Path:
     """The authors' test vectors (``../shared/reference``), present beside every clone in CI."""
     path = SHARED / "reference"

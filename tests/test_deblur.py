@@ -26,14 +26,6 @@ TILE = 128  # the tiny preset pads to multiples of 128: smaller windows would on
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("models") / "tiny3"
-    Swintormer(SwintormerConfig.preset("tiny", in_channels=3)).save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def prior_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("models") / "tiny6"

@@ -33,14 +33,6 @@ MEASURE = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]
            "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("models") / "tiny3"
-    Swintormer(SwintormerConfig.preset("tiny", in_channels=3)).save_pretrained(directory)
-    return directory
-
-
 def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipelines.deblur", *args, "--no-progress"]
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 from icc_profiles import display_p3_profile
 from PIL import Image, ImageCms, ImageOps, JpegImagePlugin
 
@@ -20,21 +19,12 @@ from swintormer.photo import SOFTWARE
 from swintormer.core import colour, image_io
 from swintormer.core.image_containers import webp_is_lossless
 from swintormer.core.image_io import quantize, read_image_file
-from swintormer.models import Swintormer, SwintormerConfig
 from swintormer.pipeline import DeblurPipeline
 
 TILE = 128  # the tiny preset pads to multiples of 128
 XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
        b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6" '
        b'xmlns:dc="http://purl.org/dc/elements/1.1/" dc:format="image/jpeg"/></rdf:RDF></x:xmpmeta>')
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("models") / "tiny3"
-    Swintormer(SwintormerConfig.preset("tiny", in_channels=3)).save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -435,18 +435,23 @@ def unsupported_format_message(name: str | os.PathLike[str]) -> str:
             f"extensions {', '.join(sorted(PHOTO_EXTENSIONS))})")
 
 
-def _read_source(source: str | os.PathLike[str] | bytes, label: str) -> bytes:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source)
-    path = Path(source)
+def _read_file(path: Path, label: str, limit: int = -1) -> bytes:
+    """The file's bytes (the first ``limit`` when given), every failure one ``ImageReadError``."""
     try:
-        return path.read_bytes()
+        with open(path, "rb") as handle:
+            return handle.read(limit)
     except FileNotFoundError:
         raise ImageReadError(f"{label}: file not found") from None
     except IsADirectoryError:
         raise ImageReadError(f"{label}: is a folder, not an image") from None
     except OSError as exc:
         raise ImageReadError(f"{label}: cannot read file ({exc.strerror or exc})") from None
+
+
+def _read_source(source: str | os.PathLike[str] | bytes, label: str) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    return _read_file(Path(source), label)
 
 
 def _heif_missing(label: str) -> UnsupportedImageError:
@@ -463,15 +468,7 @@ def read_header(source: str | os.PathLike[str] | bytes, *, name: str | None = No
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _header_of(bytes(source), label, Path(name).suffix.lower() if name else None, max_megapixels)
     path = Path(source)
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(_HEADER_PREFIX)
-    except FileNotFoundError:
-        raise ImageReadError(f"{label}: file not found") from None
-    except IsADirectoryError:
-        raise ImageReadError(f"{label}: is a folder, not an image") from None
-    except OSError as exc:
-        raise ImageReadError(f"{label}: cannot read file ({exc.strerror or exc})") from None
+    head = _read_file(path, label, _HEADER_PREFIX)
     return _header_of(head, label, Path(name or path).suffix.lower(), max_megapixels, path=path)
 
 
