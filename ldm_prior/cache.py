@@ -9,8 +9,17 @@ Layout of a cache folder::
 gives ``entries/inputC/a.png.safetensors``), so images with equal stems in different folders
 stay apart. An entry holds one tensor ``prior`` (float16, H x W x 3, in [0, 1]) and
 safetensors metadata (str -> str): the cache format version, the prior weights fingerprint, the
-sampler settings (sampler, steps, eta, mode, timestep spacing, tiles), the run seed, the image's
-own seed, the source image's SHA-256, its relative name and size.
+sampler settings (sampler, steps, eta, mode, timestep spacing, tiles), the run seed and seeding
+rule, the image's own seed, the source image's SHA-256, its relative name and size.
+
+Seeding (:func:`seed_name`): each image's noise is seeded from the run seed and the SHA-256 of
+the image file (rule ``content``), so the prior of a file is the same whichever folder it is
+cached or deblurred from: ``ldm_prior.prior_source.SampledPriors`` with the cache's settings
+reproduces an entry bit for bit (same device and thread count). Caches made before this rule
+seeded from the relative path (rule ``path``; their manifests carry no rule and read as it).
+
+A dataset root may hold several splits (``train/``, ``test/``, DPDD's ``train_c/``...): one cache
+holds them all, keyed by the path relative to that root.
 
 Every file is written atomically (temporary file in the same folder, then ``os.replace``), so a
 run killed at any moment leaves only complete entries; a rerun skips the entries that are valid
@@ -33,7 +42,7 @@ import numpy as np
 from safetensors import safe_open
 
 from swintormer.core.files import TEMPORARY_SUFFIX, atomic_write_bytes
-from swintormer.core.priors import PriorMissingError
+from swintormer.core.priors import PriorContract, PriorExpectation, PriorMissingError
 
 CACHE_FORMAT_VERSION = "1"
 MANIFEST_NAME = "manifest.json"
@@ -42,11 +51,12 @@ PRIOR_KEY = "prior"
 # Metadata keys that must equal the manifest's settings; the rest describe the image itself.
 SETTINGS_KEYS = (
     "format_version", "prior_fingerprint", "sampler", "steps", "eta", "mode", "timestep_spacing",
-    "tile", "tile_stride", "decode_tile", "decode_stride", "seed",
+    "tile", "tile_stride", "decode_tile", "decode_stride", "seed", "seed_rule",
 )
 # Settings added after caches were first written, with the value every older cache was made with:
 # a manifest or entry without the key reads as having this value, so old caches stay valid.
-LATER_SETTINGS = {"timestep_spacing": "leading"}
+LATER_SETTINGS = {"timestep_spacing": "leading", "seed_rule": "path"}
+SEED_RULES = ("content", "path")
 
 
 class PriorCacheError(ValueError):
@@ -71,6 +81,25 @@ def relative_name(image_path: str | os.PathLike[str], data_root: str | os.PathLi
         raise PriorCacheError(f"{image_path}: not inside the cache's dataset root {data_root}") from None
 
 
+def seed_name(image_path: str | os.PathLike[str], rule: str, data_root: str | os.PathLike[str] | None = None,
+              source_sha256: str | None = None) -> str:
+    """The text an image's seed derives from (``ldm_prior.sampling.image_seed``) under ``rule``:
+    the file's SHA-256 (``content``; pass ``source_sha256`` when already computed) or its path
+    relative to ``data_root`` (``path``; the file name when no root is given)."""
+    if rule == "content":
+        return source_sha256 or file_sha256(image_path)
+    if rule == "path":
+        return relative_name(image_path, data_root) if data_root is not None else Path(image_path).name
+    raise ValueError(f"unknown seeding rule {rule!r}; choose one of {SEED_RULES}")
+
+
+def storage_precision(prior: np.ndarray) -> np.ndarray:
+    """The prior as an entry stores it: clipped to [0, 1] and rounded to float16 (returned as
+    float32). Priors sampled at deblur time are rounded the same way, so a model sees the same
+    input from a cache as from its stage-one model."""
+    return np.clip(np.asarray(prior, dtype=np.float32), 0.0, 1.0).astype(np.float16).astype(np.float32)
+
+
 def entry_path(cache_root: str | os.PathLike[str], relative: str) -> Path:
     """Where the entry of the image with relative name ``relative`` lives."""
     return Path(cache_root) / ENTRIES_DIR / f"{relative}.safetensors"
@@ -83,9 +112,11 @@ class CacheSettings:
     prior_fingerprint: str
     sampling: dict[str, str]
     seed: int
+    seed_rule: str = "content"
 
     def as_metadata(self) -> dict[str, str]:
-        metadata = {"format_version": CACHE_FORMAT_VERSION, "prior_fingerprint": self.prior_fingerprint, "seed": str(self.seed)}
+        metadata = {"format_version": CACHE_FORMAT_VERSION, "prior_fingerprint": self.prior_fingerprint,
+                    "seed": str(self.seed), "seed_rule": self.seed_rule}
         metadata.update(self.sampling)
         return {key: metadata[key] for key in SETTINGS_KEYS}
 
@@ -106,7 +137,7 @@ def encode_entry(prior: np.ndarray, metadata: dict[str, str]) -> bytes:
     with sorted keys the same prior always gives the same bytes, which is what makes a resumed
     or multi-process cache comparable bit for bit with an uninterrupted one.
     """
-    array = np.ascontiguousarray(np.clip(np.asarray(prior, dtype=np.float32), 0.0, 1.0).astype("<f2"))
+    array = np.ascontiguousarray(storage_precision(prior).astype("<f2"))
     data = array.tobytes()
     header = {
         "__metadata__": {str(key): str(value) for key, value in sorted(metadata.items())},
@@ -229,10 +260,10 @@ class PriorCacheWriter:
 class PriorCache:
     """Reads a prior cache; implements ``swintormer.core.priors.PriorSource``.
 
-    ``expected`` (optional) names settings the caller insists on, e.g. ``{"steps": "50",
-    "mode": "full"}`` or ``{"prior_fingerprint": ...}``; a cache made otherwise is refused at
-    once. ``data_root`` overrides the dataset root recorded in the manifest (a moved dataset).
-    ``check_source`` hashes each blurry image on first use and refuses entries made from other
+    ``expected`` (optional) names settings the caller insists on, as a
+    :class:`~swintormer.core.priors.PriorExpectation` or in the cache's string form (``{"steps":
+    "50", "mode": "full"}``); a cache made otherwise is refused at once. ``data_root`` overrides
+    the dataset root recorded in the manifest (a moved dataset). ``check_source`` hashes each blurry image on first use and refuses entries made from other
     bytes.
     """
 
@@ -240,12 +271,14 @@ class PriorCache:
         self,
         cache_root: str | os.PathLike[str],
         data_root: str | os.PathLike[str] | None = None,
-        expected: dict[str, str] | None = None,
+        expected: PriorExpectation | dict[str, str] | None = None,
         check_source: bool = True,
     ) -> None:
         self.cache_root = Path(cache_root)
         manifest = read_manifest(self.cache_root)
         self.settings: dict[str, str] = dict(manifest["settings"])
+        if isinstance(expected, PriorExpectation):
+            expected = expected.as_metadata()
         if expected:
             unknown = sorted(set(expected) - set(SETTINGS_KEYS))
             if unknown:
@@ -283,6 +316,30 @@ class PriorCache:
         if prior.ndim != 3 or prior.shape[2] != 3:
             raise PriorCacheError(f"{path}: prior has shape {prior.shape}, expected H x W x 3")
         return prior
+
+    def contract(self) -> PriorContract:
+        """The settings every entry was made with, as a stage-two model records them."""
+        return PriorContract.from_metadata(self.settings)
+
+    def entry_problem(self, image: str | os.PathLike[str]) -> str | None:
+        """Why the entry of ``image`` cannot be used (missing, unreadable, made with other settings,
+        stale, or of another size than the image), or None. Reads metadata and image headers
+        only, so a whole dataset is checked in seconds before training starts."""
+        from swintormer.core.data.paired import image_size
+
+        image = Path(image)
+        try:
+            path = self.entry_for(image)
+        except PriorCacheError as exc:
+            return str(exc)
+        problem = entry_problem(path, self.settings, self._source_hash(image) if self.check_source else None)
+        if problem is not None:
+            return problem
+        metadata = read_entry_metadata(path)
+        size = (int(metadata.get("height", -1)), int(metadata.get("width", -1)))
+        if size != image_size(image):
+            return f"{path}: prior is {size[0]}x{size[1]}, the image {image_size(image)[0]}x{image_size(image)[1]}"
+        return None
 
     def problems(self, images: Iterable[Path]) -> list[str]:
         """One line per image whose entry is missing, unreadable, stale or made otherwise."""

@@ -1,17 +1,22 @@
 """``accelerate launch -m pipelines.cache_priors --prior DIR --data DIR --out CACHE``: sample the
 stage-one prior of every blurry image of a dataset and store it in a prior cache.
 
-The images are sorted by their path relative to ``--data`` and shared out round-robin between
-the processes; each image's noise comes from its own seed (the run seed and its relative name),
-so one process and many build the same cache. Entries are written atomically; a rerun (after a
+``--data`` is a split folder or a dataset root holding several splits (``train/`` and ``test/``,
+DPDD's ``train_c/``, ``val_c/``, ``test_c/``...): one cache then holds every split, keyed by the
+image's path relative to ``--data``, and stage two run with the same ``--data`` reads its
+training and validation priors from it. The images are sorted by that relative path and shared
+out round-robin between the processes; each image's noise comes from its own seed (the run
+seed and the SHA-256 of the image file), so one process and many build the same cache, and
+``swintormer deblur --prior-model`` samples the same prior for the same file. Entries are written atomically; a rerun (after a
 crash or ``kill -9``) skips the valid entries and makes the rest. SIGTERM, SIGINT or SIGUSR1
 stop a build after the entry in progress, with one line and exit code 75 (a second SIGINT
 aborts at once); the rerun continues. ``--verify`` makes nothing: it
 checks every entry (present, readable, same settings as the manifest, same source hash, right
 size) and exits 1 if any is not. ``--export DIR`` makes nothing either: it writes every image's
-cached prior as a 16-bit PNG ``DIR/<image stem>.png``, to look at, or to score against the sharp
-images like any restoration (``swintormer evaluate --restored DIR --target SPLIT``). The cache
-format is described in ``ldm_prior/cache.py``.
+cached prior as a 16-bit PNG ``DIR/<image stem>.png`` (``DIR/<split>/<image stem>.png`` for a
+root with several splits), to look at, or to score against the sharp images like any
+restoration (``swintormer evaluate --restored DIR/test --target ROOT/test``). The cache format
+is described in ``ldm_prior/cache.py``.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Sample the diffusion prior of every blurry image of a dataset with DDIM and write one "
             "safetensors entry per image (float16 prior plus what made it) under --out. Shards over "
             "'accelerate launch' processes; resumes an interrupted run; --verify checks a cache; "
-            "--export writes its priors as PNGs."
+            "--export writes its priors as PNGs (one sub-folder per split)."
         ),
         epilog="Exit code: 0 done (or cache valid, or all exported), 1 --verify found problems or "
                "--export missed some priors, 2 bad input, 75 stopped by SIGTERM, SIGINT or SIGUSR1 after the "
@@ -49,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prior", help="prior model: a diffusers-layout folder, a CompVis model.ckpt, "
                         "or a named configuration (random weights, for tests and timing). Required "
                         "to build; with --verify it also checks the weights fingerprint")
-    parser.add_argument("--data", type=Path, required=True, help="dataset split folder (DPDD, GoPro, HIDE "
-                        "or input/target folders), or a plain folder of blurry images with --layout images")
+    parser.add_argument("--data", type=Path, required=True, help="dataset root (all its splits are cached: "
+                        "train/, test/, val/, DPDD's train_c/...) or one split folder (DPDD, GoPro, HIDE or "
+                        "input/target folders), or a plain folder of blurry images with --layout images")
     parser.add_argument("--layout", choices=DATA_LAYOUTS, default="auto",
                         help="dataset layout (default: %(default)s); 'images' = every image directly in --data")
     parser.add_argument("--out", type=Path, required=True, help="cache folder (created; resumed if it exists)")
@@ -79,13 +85,29 @@ def build_parser() -> argparse.ArgumentParser:
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--verify", action="store_true", help="check every entry instead of building")
     action.add_argument("--export", type=Path, metavar="DIR", help="instead of building, write each image's "
-                        "cached prior as a 16-bit PNG DIR/<image stem>.png (to view, or to score with "
+                        "cached prior as a 16-bit PNG DIR/[<split>/]<image stem>.png (to view, or to score with "
                         "'swintormer evaluate --restored DIR --target SPLIT')")
     return parser
 
 
+def dataset_splits(data: Path, layout: str) -> list[Path]:
+    """The split folders of ``data``: ``data`` itself when it is a split of the layout, else
+    each sub-folder that is one (a dataset root such as the synthetic generator's or DPDD's)."""
+    from swintormer.core.data.paired import discover_pairs
+
+    def is_split(folder: Path) -> bool:
+        try:
+            return bool(discover_pairs(folder, layout=layout, check_sizes=False).pairs)
+        except (FileNotFoundError, ValueError):
+            return False
+
+    if is_split(data):
+        return [data]
+    return [child for child in sorted(data.iterdir()) if child.is_dir() and is_split(child)]
+
+
 def collect_images(data: Path, layout: str) -> list[Path]:
-    """The blurry images of the dataset, sorted by path."""
+    """The blurry images of every split of the dataset, sorted by path."""
     from swintormer.core.image_io import list_images
 
     if not data.is_dir():
@@ -95,11 +117,12 @@ def collect_images(data: Path, layout: str) -> list[Path]:
     else:
         from swintormer.core.data.paired import discover_pairs
 
-        try:
-            discovery = discover_pairs(data, layout=layout, check_sizes=False)
-        except (FileNotFoundError, ValueError) as exc:
-            raise UserError(str(exc)) from None
-        images = [pair.blurry for pair in discovery.pairs]
+        splits = dataset_splits(data, layout)
+        if not splits:
+            raise UserError(f"{data}: no blurry/sharp pairs found, neither in it nor in a split folder under it "
+                            f"(layout {layout!r}; a plain folder of blurry images needs --layout images)")
+        images = [pair.blurry for split in splits
+                  for pair in discover_pairs(split, layout=layout, check_sizes=False).pairs]
     if not images:
         raise UserError(f"{data}: no blurry images found (layout {layout!r})")
     return sorted(images)
@@ -163,12 +186,18 @@ def _export(args: argparse.Namespace, images: list[Path]) -> int:
     from swintormer.core.image_io import write_image
     from swintormer.core.priors import PriorMissingError
 
-    by_stem: dict[str, Path] = {}
+    # Files are named by image stem, in one sub-folder per split when --data holds several
+    # (DIR/test/<stem>.png scores against the test split with 'swintormer evaluate').
+    splits = [args.data] if args.layout == "images" else dataset_splits(args.data, args.layout)
+    targets: dict[Path, Path] = {}
     for image in images:
-        if image.stem in by_stem:
-            raise UserError(f"--export names files by image stem, and {by_stem[image.stem]} and {image} "
+        split = next(split for split in splits if image.is_relative_to(split))
+        target = args.export / split.relative_to(args.data) / f"{image.stem}.png"
+        if target in targets.values():
+            other = next(key for key, value in targets.items() if value == target)
+            raise UserError(f"--export names files by image stem, and {other} and {image} "
                             f"share the stem {image.stem!r}")
-        by_stem[image.stem] = image
+        targets[image] = target
     cache = _open_cache(args)
     try:
         args.export.mkdir(parents=True, exist_ok=True)
@@ -181,7 +210,8 @@ def _export(args: argparse.Namespace, images: list[Path]) -> int:
         except (PriorCacheError, PriorMissingError) as exc:
             problems.append(str(exc))
             continue
-        write_image(args.export / f"{image.stem}.png", prior, bit_depth=16)
+        targets[image].parent.mkdir(parents=True, exist_ok=True)
+        write_image(targets[image], prior, bit_depth=16)
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
     print(f"exported {len(images) - len(problems)} of {len(images)} priors to {args.export}")
@@ -212,7 +242,7 @@ def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling, 
     import torch
     from tqdm.auto import tqdm
 
-    from ldm_prior.cache import CacheSettings, PriorCacheError, PriorCacheWriter, file_sha256, prepare_cache, relative_name
+    from ldm_prior.cache import CacheSettings, PriorCacheError, PriorCacheWriter, file_sha256, prepare_cache, seed_name
     from ldm_prior.model import load_prior
     from ldm_prior.sampling import PriorSampler, image_seed
     from swintormer.core.image_io import ImageReadError, read_image
@@ -260,7 +290,7 @@ def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling, 
         except ImageReadError as exc:
             failed.append(str(exc))
             continue
-        seed = image_seed(args.seed, relative_name(image_path, args.data))
+        seed = image_seed(args.seed, seed_name(image_path, settings.seed_rule, source_sha256=source_hash))
         with torch.inference_mode():
             prior = sampler.sample(pixels, seed)
         writer.write(image_path, prior, source_hash, seed)

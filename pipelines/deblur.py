@@ -7,7 +7,10 @@ was trained at when its folder records it), so any image size works in bounded m
 ablation). A 6-channel model
 also needs the prior of every image: read from a prior cache (``--prior-cache``, written by
 ``swintormer cache-priors``), sampled now with the stage-one model (``--prior-model``), or read
-from plain prior files (``--prior-folder``); a 3-channel (no-prior) model needs none.
+from plain prior files (``--prior-folder``); a 3-channel (no-prior) model needs none. A model
+trained on cached priors records their settings (its prior contract, in ``pipeline.json``):
+``--prior-model`` samples with them (the same file gets the cached prior, bit for bit) and a
+cache or stage-one model made otherwise is refused unless ``--allow-prior-mismatch``.
 
 Outputs keep the input's file name, format and bit depth (``photo.jpg`` → ``DIR/photo.jpg``,
 16-bit PNG/TIFF stay 16-bit; HEIC is written as JPEG), its ICC profile, EXIF (orientation reset
@@ -58,7 +61,7 @@ if TYPE_CHECKING:
     import torch
     from accelerate import PartialState
 
-    from swintormer.core.priors import PriorSource
+    from swintormer.core.priors import PriorContract, PriorSource
     from swintormer.pipeline import DeblurPipeline
 
 # torch, accelerate, OpenCV and the models are imported inside the functions that need them, so
@@ -198,14 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prior-folder", type=Path, metavar="DIR",
                         help="read each image's prior from DIR/<image stem>.safetensors|.png|.tif "
                         "(priors made by another tool)")
-    priors.add_argument("--prior-steps", type=positive_int, default=50,
-                        help="DDIM steps when sampling with --prior-model (default: %(default)s, the paper's T)")
-    priors.add_argument("--prior-timestep-spacing", choices=("leading", "trailing"), default="leading",
+    priors.add_argument("--prior-steps", type=positive_int,
+                        help="DDIM steps when sampling with --prior-model (default: the model's prior contract, "
+                        "i.e. what its training priors were made with; else 50, the paper's T)")
+    priors.add_argument("--prior-timestep-spacing", choices=("leading", "trailing"),
                         help="DDIM timestep spacing for --prior-model sampling, as 'cache-priors "
-                        "--timestep-spacing' (default: %(default)s, the authors')")
-    priors.add_argument("--prior-seed", type=int, default=0,
-                        help="seed for --prior-model sampling; each image's noise comes from this seed "
-                        "and its file name (default: %(default)s)")
+                        "--timestep-spacing' (default: the model's prior contract; else leading, the authors')")
+    priors.add_argument("--prior-seed", type=int,
+                        help="seed for --prior-model sampling; each image's noise comes from this seed and the "
+                        "image file's SHA-256, as in the prior cache (default: the model's prior contract; else 0)")
+    priors.add_argument("--allow-prior-mismatch", action="store_true",
+                        help="use a prior cache or stage-one model whose settings differ from the model's "
+                        "prior contract (model/pipeline.json) instead of refusing it; results are then "
+                        "usually worse")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -287,17 +295,31 @@ def ensure_writable_folder(folder: Path) -> None:
 # Model and priors
 
 
-def make_prior_source(args: argparse.Namespace, device: torch.device) -> PriorSource | None:
-    """The prior source the options name (None when none is named)."""
+def _refuse_mismatch(args: argparse.Namespace, what: str, difference: str | None) -> None:
+    """Refuse a prior source made otherwise than the model's training priors (one line)."""
+    if difference and not args.allow_prior_mismatch:
+        raise RunError(f"{what} does not match the prior the model {args.model} was trained with ({difference}; "
+                       "its pipeline.json); use the matching one, or --allow-prior-mismatch")
+    if difference:
+        print(f"warning: {what} does not match the model's prior contract ({difference})", file=sys.stderr)
+
+
+def make_prior_source(args: argparse.Namespace, device: torch.device,
+                      contract: PriorContract | None = None) -> PriorSource | None:
+    """The prior source the options name (None when none is named), checked against the model's
+    prior contract when it has one; sampling settings not given default to the contract's."""
     if args.prior_cache is not None:
         if not args.prior_cache.is_dir():
             raise RunError(f"prior cache folder not found: {args.prior_cache}")
         from ldm_prior.cache import PriorCache
 
         try:
-            return PriorCache(args.prior_cache)
+            cache = PriorCache(args.prior_cache)
         except (OSError, ValueError) as error:
             raise RunError(f"cannot open the prior cache {args.prior_cache}: {error}") from None
+        if contract is not None:
+            _refuse_mismatch(args, f"the prior cache {args.prior_cache}", contract.difference(cache.settings))
+        return cache
     if args.prior_folder is not None:
         from swintormer.core.priors import PriorFolder
 
@@ -306,14 +328,26 @@ def make_prior_source(args: argparse.Namespace, device: torch.device) -> PriorSo
         except FileNotFoundError as error:
             raise RunError(str(error)) from None
     if args.prior_model is not None:
+        from ldm_prior.model import PriorModel
         from ldm_prior.prior_source import SampledPriors
-        from ldm_prior.sampling import SamplingSettings
+        from swintormer.core.priors import PriorContract
 
-        settings = SamplingSettings(steps=args.prior_steps, timestep_spacing=args.prior_timestep_spacing)
         try:
-            return SampledPriors.from_pretrained(args.prior_model, settings, seed=args.prior_seed, device=device)
+            model = PriorModel.from_pretrained(args.prior_model).to(device)
         except (OSError, ValueError) as error:
             raise RunError(f"cannot load the prior model {args.prior_model}: {error}") from None
+        asked = {"steps": args.prior_steps, "timestep_spacing": args.prior_timestep_spacing, "seed": args.prior_seed}
+        asked = {key: value for key, value in asked.items() if value is not None}
+        if contract is None:  # a model with no record: the cache job's defaults
+            base = {"steps": 50, "eta": 0.0, "mode": "full", "timestep_spacing": "leading", "tile": 128,
+                    "tile_stride": 64, "decode_tile": 64, "decode_stride": 48, "seed": 0}
+            wanted = PriorContract(prior_fingerprint=model.fingerprint(), **{**base, **asked})
+        else:
+            wanted = contract.model_copy(update=asked)
+            found = wanted.model_copy(update={"prior_fingerprint": model.fingerprint()})
+            _refuse_mismatch(args, f"sampling with {args.prior_model} as asked",
+                             contract.difference(found.as_metadata()))
+        return SampledPriors.from_contract(model, wanted)
     return None
 
 
@@ -335,7 +369,7 @@ def load_pipeline(args: argparse.Namespace, device: torch.device) -> DeblurPipel
     if in_channels == 3 and asked_for_prior:  # said before any prior model is loaded
         raise RunError(f"the model {args.model} takes no prior (3 input channels); "
                        "drop --prior-cache/--prior-model/--prior-folder")
-    prior = make_prior_source(args, device)
+    prior = make_prior_source(args, device, pipe.prior_contract)
     if in_channels == 3 and prior is not None:
         raise RunError(f"the model {args.model} takes no prior (3 input channels); "
                        "drop --prior-cache/--prior-model/--prior-folder")

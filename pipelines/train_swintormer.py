@@ -37,6 +37,7 @@ from pipelines.training_setup import (discover_training_pairs, load_run_config, 
                                       start_training, training_parser)
 from swintormer.core.config import ConfigError, StrictModel, TrainingConfig
 from swintormer.core.data.degradations import DegradationConfig
+from swintormer.core.priors import PriorContract, PriorExpectation
 from swintormer.losses import LossConfig, MissingWeightsError, build_loss
 
 
@@ -51,12 +52,20 @@ class ModelSection(StrictModel):
 
 
 class PriorSection(StrictModel):
-    """Where priors come from; read only when ``model.in_channels`` is 6."""
+    """Where priors come from; read only when ``model.in_channels`` is 6.
+
+    ``source: cache`` reads a prior cache made by ``pipelines.cache_priors`` from the same
+    ``--data`` root (one cache holds every split); ``source: folder`` reads prior files that
+    mirror the dataset root (priors made by another tool). ``expected`` holds cache settings the
+    run insists on (``data.prior.expected.steps=5``); the run fills the unset ones from the
+    cache's manifest and records them in ``config.yaml``, so a resumed run refuses a cache made
+    otherwise, and the saved model records them as its prior contract (``model/pipeline.json``).
+    """
 
     source: Literal["none", "folder", "cache"] = "none"
     path: Path | None = None  # prior folder (mirrors the dataset root) or prior cache folder
     data_root: Path | None = None  # cache: the dataset root it was made from, when moved
-    expected: dict[str, str] = Field(default_factory=dict)  # cache: settings the run insists on
+    expected: PriorExpectation = Field(default_factory=PriorExpectation)
 
 
 class DataSection(StrictModel):
@@ -101,22 +110,60 @@ class SwintormerTrainConfig(StrictModel):
 
 
 def prior_source(config: SwintormerTrainConfig):
-    """The one place stage two turns ``data.prior`` into a ``swintormer.core.priors.PriorSource``."""
+    """The one place stage two turns ``data.prior`` into a ``swintormer.core.priors.PriorSource``.
+
+    For a cache, the settings ``data.prior.expected`` leaves unset are filled from the cache's
+    manifest (in ``config``, so that ``config.yaml`` records them)."""
     if config.model.in_channels == 3:
         return None
     prior = config.data.prior
     if prior.source == "none":
         raise ConfigError("model.in_channels is 6 (blurry ⊕ prior) but data.prior.source is 'none'; "
-                          "set data.prior.source/path, or model.in_channels=3 for the no-prior variant")
+                          "set data.prior.source=cache data.prior.path=CACHE (a cache made by cache_priors "
+                          "with the same --data), or model.in_channels=3 for the no-prior variant")
     if prior.path is None:
         raise ConfigError(f"data.prior.source is {prior.source!r} but data.prior.path is not set")
     if prior.source == "folder":
         from swintormer.core.priors import PriorFolder
 
         return PriorFolder(prior.path, dataset_root=config.data.root)
-    from ldm_prior.cache import PriorCache
+    from ldm_prior.cache import PriorCache, PriorCacheError
 
-    return PriorCache(prior.path, data_root=prior.data_root, expected=prior.expected or None)
+    try:
+        cache = PriorCache(prior.path, data_root=prior.data_root, expected=prior.expected)
+    except PriorCacheError as exc:
+        raise ConfigError(f"data.prior.path: {exc}") from None
+    prior.expected = PriorExpectation.model_validate(cache.contract().model_dump())
+    return cache
+
+
+def check_priors(source, pairs: list, what: str) -> None:
+    """Stop before training, naming the first image of ``pairs`` whose prior is missing, stale or
+    made with other settings (a cache is checked from its entries' metadata; prior files by
+    their existence)."""
+    from ldm_prior.cache import PriorCache
+    from swintormer.core.priors import PriorFolder
+
+    for pair in pairs:
+        if isinstance(source, PriorCache):
+            problem = source.entry_problem(pair.blurry)
+        elif isinstance(source, PriorFolder):
+            found = any(path.is_file() for path in source.candidates(pair.blurry))
+            problem = None if found else f"{pair.blurry}: no prior file in {source.folder}"
+        else:
+            problem = None
+        if problem:
+            raise ConfigError(f"{what}: {problem} ({len(pairs)} images checked up to here; "
+                              f"build the cache with cache_priors --data on the dataset root)")
+
+
+def prior_contract(config: SwintormerTrainConfig) -> PriorContract | None:
+    """What the model's priors were made with, recorded beside the saved model (a cache only:
+    prior files carry no settings)."""
+    prior = config.data.prior
+    if config.model.in_channels == 3 or prior.source != "cache":
+        return None
+    return PriorContract.model_validate(prior.expected.model_dump())
 
 
 def build_datasets(config: SwintormerTrainConfig, train_split: Path, val_split: Path | None, source):
@@ -138,13 +185,16 @@ def build_datasets(config: SwintormerTrainConfig, train_split: Path, val_split: 
         return train_set, val_set
     from swintormer.core.data.paired import PairedImageDataset, PairedPatchDataset
 
-    train_set = PairedPatchDataset(discover_training_pairs(train_split, data.layout, "training data"),
-                                   data.patch_size, augment=data.augment, prior_source=source,
+    train_pairs = discover_training_pairs(train_split, data.layout, "training data")
+    val_pairs = discover_training_pairs(val_split, data.layout, "validation data") if val_split is not None else None
+    check_priors(source, train_pairs, "training data")
+    if val_pairs is not None:
+        check_priors(source, val_pairs, "validation data")
+    train_set = PairedPatchDataset(train_pairs, data.patch_size, augment=data.augment, prior_source=source,
                                    seed=config.train.seed, repeat=data.repeat, cache_images=data.cache_images)
     val_set = None
-    if val_split is not None:
-        val_set = PairedImageDataset(discover_training_pairs(val_split, data.layout, "validation data"),
-                                     prior_source=source, cache_images=True)
+    if val_pairs is not None:
+        val_set = PairedImageDataset(val_pairs, prior_source=source, cache_images=True)
     return train_set, val_set
 
 
@@ -253,7 +303,7 @@ def _main(argv: list[str] | None) -> int:
         # The deblur command's default window is the patch size the network learnt at.
         settings = inference_settings(config).model_copy(update={"tile": config.data.patch_size, "stride": None,
                                                                  "whole": False})
-        DeblurPipeline(net, settings=settings).save_pretrained(folder)
+        DeblurPipeline(net, settings=settings, prior_contract=prior_contract(config)).save_pretrained(folder)
 
     task = TrainingTask(model=model, loss_step=loss_step, train_dataset=train_set, aux_modules=[loss],
                         validate=validate, save_final=save_final)

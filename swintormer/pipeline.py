@@ -14,10 +14,15 @@ Components:
   the diffusion model itself;
 * ``settings``: :class:`InferenceSettings`, how the network is run over the image: overlapping
   windows of the training size whose overlaps are averaged (the Swintormer paper's inference),
-  or the whole image at once.
+  or the whole image at once;
+* ``prior_contract``: for a 6-channel model trained on cached priors, the
+  :class:`swintormer.core.priors.PriorContract` they were made with (stage-one weights
+  fingerprint, sampler settings, seed). The pipeline does not enforce it (a prior source is
+  any object with ``prior_for``); ``swintormer deblur`` samples with it and refuses a cache or
+  stage-one model made otherwise.
 
 ``save_pretrained(dir)`` writes the model (``config.json``, ``model.safetensors``) and the
-settings (``pipeline.json``); ``from_pretrained(dir)`` reads them back. A training run saves the
+settings and prior contract (``pipeline.json``); ``from_pretrained(dir)`` reads them back. A training run saves the
 patch size it trained at as the default window size, since the network is run best at the size
 it learnt.
 
@@ -42,12 +47,13 @@ from pydantic import Field, ValidationError, model_validator
 from swintormer.core.config import StrictModel
 from swintormer.core.files import atomic_write_text
 from swintormer.core.image_io import read_image
-from swintormer.core.priors import PriorSource
+from swintormer.core.priors import PriorContract, PriorSource
 from swintormer.inference import SlidingWindowInferencer, WholeImageInferencer
 from swintormer.models import Swintormer
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "default"
 PIPELINE_CONFIG_NAME = "pipeline.json"
+PRIOR_CONTRACT_KEY = "prior_contract"  # in pipeline.json, beside the inference settings
 
 
 class InferenceSettings(StrictModel):
@@ -76,10 +82,11 @@ class DeblurPipeline:
 
     def __init__(self, model: Swintormer, prior: PriorSource | None = None,
                  settings: InferenceSettings | None = None, device: torch.device | str | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, prior_contract: PriorContract | None = None) -> None:
         self.model = model
         self.prior = prior
         self.settings = settings or InferenceSettings()
+        self.prior_contract = prior_contract
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.progress = progress
         if self.device.type != "cpu":
@@ -124,6 +131,13 @@ class DeblurPipeline:
                 saved = json.loads(config_path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as error:
                 raise ValueError(f"{config_path}: cannot read pipeline settings ({error})") from None
+        contract = saved.pop(PRIOR_CONTRACT_KEY, None)
+        if contract is not None:
+            try:
+                contract = PriorContract.model_validate(contract)
+            except ValidationError as error:
+                details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+                raise ValueError(f"{config_path}: invalid {PRIOR_CONTRACT_KEY} ({details})") from None
         try:
             resolved = InferenceSettings(**{**saved, **{k: v for k, v in settings.items() if v is not None}})
         except ValidationError as error:
@@ -135,12 +149,16 @@ class DeblurPipeline:
             from swintormer.models.cpu_inference import prepare_for_inference
 
             model = prepare_for_inference(model)
-        return cls(model, prior=prior, settings=resolved, device=device)
+        return cls(model, prior=prior, settings=resolved, device=device, prior_contract=contract)
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the model and ``pipeline.json`` (the inference settings) to ``directory``."""
+        """Write the model and ``pipeline.json`` (the inference settings and the prior contract)
+        to ``directory``."""
         directory = Path(self.model.save_pretrained(directory))
-        atomic_write_text(directory / PIPELINE_CONFIG_NAME, self.settings.model_dump_json(indent=2) + "\n")
+        saved = self.settings.model_dump(mode="json")
+        if self.prior_contract is not None:
+            saved[PRIOR_CONTRACT_KEY] = self.prior_contract.model_dump(mode="json")
+        atomic_write_text(directory / PIPELINE_CONFIG_NAME, json.dumps(saved, indent=2) + "\n")
         return directory
 
     # ---- the algorithm

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_prior.cache import PriorCache, PriorCacheError, encode_entry, read_entry
+from ldm_prior.cache import PriorCache, PriorCacheError, encode_entry, file_sha256, read_entry
 from ldm_prior.model import PriorModel
 from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed
 from pipelines.cache_priors import main as cache_priors
@@ -61,12 +61,14 @@ def test_entries_hold_the_sampled_prior_in_float16_with_metadata(setup) -> None:
             blurry = setup["data"] / "input" / f"p{index}.png"
             prior = cache.prior_for(blurry)
             assert prior.shape == (height, width, 3) and prior.dtype == np.float32
-            direct = sampler.sample(read_image(blurry).pixels, image_seed(9, f"input/p{index}.png"))
+            # Seeded from the run seed and the file's SHA-256 (the content rule), not its path.
+            direct = sampler.sample(read_image(blurry).pixels, image_seed(9, file_sha256(blurry)))
             assert np.array_equal(prior, direct.astype(np.float16).astype(np.float32))
     finally:
         torch.set_num_threads(threads)
     _, metadata = read_entry(cache.entry_for(setup["data"] / "input" / "p0.png"))
     assert metadata["steps"] == "2" and metadata["mode"] == "quarter" and metadata["seed"] == "9"
+    assert metadata["seed_rule"] == "content"
     assert metadata["prior_fingerprint"] == model.fingerprint() and len(metadata["source_sha256"]) == 64
     manifest = json.loads((setup["cache"] / "manifest.json").read_text())
     assert manifest["settings"]["prior_fingerprint"] == model.fingerprint()

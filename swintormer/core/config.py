@@ -256,7 +256,8 @@ def load_config(schema_cls: type[SchemaT], path: str | os.PathLike[str] | None,
                 overrides: list[str] | None = None) -> SchemaT:
     """Read YAML from ``path`` (or start empty when None), apply overrides, validate.
 
-    Raises :class:`ConfigError` with a one-line message naming the file and the offending key.
+    Raises :class:`ConfigError` with a one-line message naming the offending key and where its
+    value came from (the file, or a command-line override).
     """
     raw: dict[str, Any] = {}
     source = "<defaults>"
@@ -277,11 +278,13 @@ def load_config(schema_cls: type[SchemaT], path: str | os.PathLike[str] | None,
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         raw = loaded
-    raw = apply_overrides(raw, list(overrides or []))
+    overrides = list(overrides or [])
+    raw = apply_overrides(raw, overrides)
     try:
         return schema_cls.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe_validation_error(exc)}") from None
+        overridden = [item.partition("=")[0].strip() for item in overrides]
+        raise ConfigError(_describe_validation_error(exc, source, overridden)) from None
 
 
 def save_config(config: BaseModel, path: str | os.PathLike[str]) -> None:
@@ -291,19 +294,22 @@ def save_config(config: BaseModel, path: str | os.PathLike[str]) -> None:
     atomic_write_text(path, text)
 
 
-def _describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem, each naming the dotted key (all on one line, joined by '; ')."""
+def _describe_validation_error(exc: ValidationError, source: str, overridden: list[str]) -> str:
+    """One line: each problem names its dotted key, and where the bad value came from (the
+    config file, or the command-line override that set the key or a section above it)."""
     messages = []
     for error in exc.errors():
         location = ".".join(str(part) for part in error["loc"]) or "<top level>"
+        setter = next((key for key in overridden if location == key or location.startswith(key + ".")), None)
+        origin = f"command-line override {setter}=..." if setter else source
         if error["type"] == "extra_forbidden":
-            messages.append(f"unknown key {location!r}")
+            messages.append(f"{origin}: unknown key {location!r}")
         elif error["type"] == "missing":
-            messages.append(f"missing required key {location!r}")
+            messages.append(f"{origin}: missing required key {location!r}")
         else:
             got = repr(error.get("input"))
             got = got if len(got) <= 80 else got[:77] + "..."
-            messages.append(f"key {location!r}: {error['msg']} (got {got})")
+            messages.append(f"{origin}: key {location!r}: {error['msg']} (got {got})")
     return "; ".join(messages)
 
 

@@ -11,6 +11,12 @@ Stage two (training, validation, inference) never calls the diffusion model: it 
 
 A prior is a float32 H×W×3 RGB array in [0, 1] with exactly the blurry image's height and width.
 
+:class:`PriorContract` is what a stage-two model was trained with: the stage-one weights'
+fingerprint and every sampler setting that changes a prior's values. Stage two records it in
+the saved model folder (``pipeline.json``); ``swintormer deblur`` samples with it and refuses a
+cache or stage-one model made otherwise. :class:`PriorExpectation` is the partial form a
+training config uses (``data.prior.expected``) to insist on some of those settings.
+
 ``PriorFolder`` file naming: the prior of ``<dataset_root>/<relative>/<stem>.<ext>`` is
 ``<folder>/<relative>/<stem>.<prior ext>`` when ``dataset_root`` is given (so GoPro scenes, whose
 frame names repeat, stay apart), else ``<folder>/<stem>.<prior ext>``. Accepted prior files, in
@@ -22,10 +28,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+from pydantic import Field
 
+from swintormer.core.config import StrictModel
 from swintormer.core.files import atomic_write_bytes
 from swintormer.core.image_io import read_image
 
@@ -45,6 +53,73 @@ class PriorSource(Protocol):
         ignore it.
         """
         ...
+
+
+def _as_setting_text(value: Any) -> str:
+    """A setting in the str -> str form cache entries store (floats by ``repr``: ``0.0``)."""
+    if isinstance(value, bool):
+        raise TypeError("prior settings hold no booleans")
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+class PriorExpectation(StrictModel):
+    """Prior settings a stage-two run insists on; unset fields are not checked.
+
+    Field names and meanings are those of the prior cache's settings (``ldm_prior.cache``):
+    the stage-one weights' fingerprint, the DDIM sampler's settings, the run seed and the rule
+    that turns it into each image's seed ("content": from the image file's SHA-256, so a prior
+    is the same wherever the file lies; "path": from its path relative to the dataset root,
+    the rule of caches made before the content rule).
+    """
+
+    prior_fingerprint: str | None = None
+    sampler: Literal["ddim"] | None = None
+    steps: int | None = Field(None, ge=1)
+    eta: float | None = Field(None, ge=0.0, le=1.0)
+    mode: Literal["full", "quarter"] | None = None
+    timestep_spacing: Literal["leading", "trailing"] | None = None
+    tile: int | None = Field(None, ge=1)
+    tile_stride: int | None = Field(None, ge=1)
+    decode_tile: int | None = Field(None, ge=1)
+    decode_stride: int | None = Field(None, ge=1)
+    seed: int | None = None
+    seed_rule: Literal["content", "path"] | None = None
+
+    def as_metadata(self) -> dict[str, str]:
+        """The set fields as the cache stores them (str -> str)."""
+        return {key: _as_setting_text(value) for key, value in self.model_dump().items() if value is not None}
+
+    def difference(self, found: dict[str, str]) -> str | None:
+        """The first setting ``found`` (cache-style strings) disagrees on, as
+        ``"steps is '5', expected '50'"``; None when all set fields agree."""
+        for key, wanted in self.as_metadata().items():
+            if found.get(key) != wanted:
+                return f"{key} is {found.get(key)!r}, expected {wanted!r}"
+        return None
+
+
+class PriorContract(PriorExpectation):
+    """Every setting that made a model's training priors (all fields set)."""
+
+    prior_fingerprint: str
+    sampler: Literal["ddim"] = "ddim"
+    steps: int = Field(ge=1)
+    eta: float = Field(ge=0.0, le=1.0)
+    mode: Literal["full", "quarter"]
+    timestep_spacing: Literal["leading", "trailing"]
+    tile: int = Field(ge=1)
+    tile_stride: int = Field(ge=1)
+    decode_tile: int = Field(ge=1)
+    decode_stride: int = Field(ge=1)
+    seed: int
+    seed_rule: Literal["content", "path"] = "content"
+
+    @classmethod
+    def from_metadata(cls, settings: dict[str, str]) -> "PriorContract":
+        """The contract of a cache's recorded settings (``PriorCache.settings``)."""
+        return cls.model_validate({key: settings[key] for key in cls.model_fields if key in settings})
 
 
 class PriorMissingError(FileNotFoundError):
