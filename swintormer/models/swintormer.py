@@ -469,16 +469,18 @@ def channels_last_pointwise_weights(module: nn.Module) -> None:
     channels-last strides. The values and the memory order do not change; only the strides of
     the size-one dimensions do.
 
-    Why: the network computes in channels-last memory, so PyTorch's convolution backward returns
-    these weights' gradients with channels-last strides (oneDNN and cuDNN always, PyTorch's
-    native 1×1 kernel never: which one runs depends on the batch and the thread count). Autograd
-    accepts a gradient whose strides differ in size-one dimensions only, but DDP lays its
-    gradient buckets out with the weight's strides and compares all of them, and warned "Grad
-    strides do not match bucket view strides" for every such weight. A channels-last weight
-    makes every backend return its gradient in channels-last strides, the weight's own.
-    Larger kernels over several input channels keep the default layout: autograd puts their
-    gradients in it, and safetensors and the CPU engine expect contiguous weights, which these
-    (unlike a channels-last 3×3 weight) still are.
+    Why: the network computes in channels-last memory, and with a default-layout weight the
+    strides of its gradient depend on the kernel PyTorch picks: oneDNN's (depth-wise always; 1×1
+    for many windows or several threads) returns channels-last strides, PyTorch's native 1×1
+    kernel default ones. Autograd accepts a gradient whose strides differ in size-one dimensions
+    only, but DDP lays its gradient buckets out with the weight's strides and compares all of
+    them, and warned "Grad strides do not match bucket view strides" for these weights. With a
+    channels-last weight both CPU kernels return channels-last strides, the weight's own, for
+    every batch and thread count tried (tests/test_gradient_layout.py); PyTorch chooses the
+    memory format of a convolution from its input and weight on the GPU too, so the same is
+    expected there (not measured). Larger kernels over several input channels keep the default
+    layout: autograd puts their gradients in it, and safetensors and the CPU engine expect
+    contiguous weights, which these (unlike a channels-last 3×3 weight) still are.
     """
     with torch.no_grad():
         for conv in module.modules():
