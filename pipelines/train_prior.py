@@ -14,10 +14,13 @@ and the validation are ``ldm_prior.trainer``, the maths ``ldm_prior.finetune``.
 
 ``--data`` is a dataset root in any layout ``swintormer.core.data.paired.discover_pairs`` knows; with
 ``train/`` and ``test/`` (or ``val/``) sub-folders those are the splits. Validation reports the
-noise-prediction loss on fixed timesteps and noise (comparable across steps and runs) and, with
-``validation.prior_psnr``, the PSNR of sampled priors and of the blurry inputs against the sharp
-images. The run folder receives ``config.yaml``, ``checkpoints/``, ``logs/`` and ``model/``
-(``PriorModel.save_pretrained``, EMA weights).
+loss the objective trains on fixed timesteps and noise (comparable across steps and runs:
+``diffusion_loss``, ``decoder_l1`` or ``reconstruction_l1``), the VQ reconstruction's PSNR, and
+the PSNR of sampled priors (``validation.prior_steps`` DDIM steps) and of the blurry inputs
+against the sharp crops (``ldm_prior.trainer``). The run folder receives ``config.yaml``,
+``checkpoints/``, ``logs/``, ``validation/`` (blurry | prior | sharp images of the first
+``validation.images`` crops at every validation) and ``model/`` (``PriorModel.save_pretrained``,
+EMA weights).
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ network sees ``blurry ⊕ prior`` (6 channels); ``model.in_channels=3`` trains t
 ablation from the same config (the prior is then not read).
 
 The run folder receives ``config.yaml`` (the resolved configuration), ``checkpoints/``,
-``logs/`` (``metrics.jsonl`` and TensorBoard) and, at the end, ``model/`` written with
+``logs/`` (``metrics.jsonl`` and TensorBoard), ``validation/`` (blurry | prior | output | sharp
+crops of the first ``validation.images`` validation images at every validation) and, at the
+end, ``model/`` written with
 ``save_pretrained`` (EMA weights by default). Stopping early (signals, ``--time-limit``,
 ``--stop-after-steps``), the run-folder rules and the exit codes are the shared engine's
 (``swintormer.core.training``, ``swintormer.core.run_control``).
@@ -90,6 +92,11 @@ class ValidationSection(StrictModel):
     batch_size: int = Field(4, gt=0)
     max_images: int | None = Field(None, gt=0)
     ssim: bool = True
+    # The first `images` validation images are written at every validation as one PNG each
+    # (RUN_DIR/validation/step_XXXXXXXX/): their centre image_crop crops, panels blurry | prior
+    # (6-channel models) | output | sharp; 0 writes none.
+    images: int = Field(4, ge=0)
+    image_crop: int = Field(256, gt=0)
 
 
 class DebugSection(StrictModel):
@@ -219,9 +226,11 @@ def inference_settings(config: SwintormerTrainConfig):
 
 
 def make_validation(config: SwintormerTrainConfig, dataset):
-    """Validation hook: mean PSNR/SSIM of the images restored by the deblur pipeline, and the
-    PSNR of the blurry inputs."""
+    """Validation hook: mean PSNR/SSIM of the images restored by the deblur pipeline and the
+    PSNR of the blurry inputs, and the first ``validation.images`` of them as images (centre
+    crops of the restorations already made for the scores: no extra inference)."""
     from swintormer.core.metrics import psnr, ssim
+    from swintormer.core.validation_images import ValidationImage, ValidationReport, centre_crop
     from swintormer.pipeline import DeblurPipeline
 
     settings = config.validation
@@ -229,9 +238,10 @@ def make_validation(config: SwintormerTrainConfig, dataset):
     count = len(dataset) if settings.max_images is None else min(settings.max_images, len(dataset))
     input_scores: dict[int, float] = {}
 
-    def validate(model: torch.nn.Module, step: int) -> dict[str, float]:
+    def validate(model: torch.nn.Module, step: int) -> ValidationReport:
         pipe = DeblurPipeline(model, settings=inference)
         scores = {"psnr": [], "ssim": [], "input_psnr": []}
+        images = []
         for index in range(count):
             item = dataset[index]
             image = item["input"].permute(1, 2, 0).numpy()
@@ -245,7 +255,15 @@ def make_validation(config: SwintormerTrainConfig, dataset):
             if index not in input_scores:  # the blurry input's score never changes
                 input_scores[index] = psnr(np.clip(image[..., :3], 0.0, 1.0), target)
             scores["input_psnr"].append(input_scores[index])
-        return {name: float(np.mean(values)) for name, values in scores.items() if values}
+            if index < settings.images:
+                panels = [image[..., :3], result, target]
+                if extra is not None and model.config.in_channels == 6:  # the prior the network saw
+                    panels.insert(1, extra[..., :3])
+                images.append(ValidationImage(f"{index:02d}_{Path(item['name']).stem}",
+                                              [centre_crop(np.clip(panel, 0.0, 1.0), settings.image_crop) for panel in panels],
+                                              note=f"output_{scores['psnr'][-1]:.2f}dB"))
+        metrics = {name: float(np.mean(values)) for name, values in scores.items() if values}
+        return ValidationReport(metrics, images)
 
     return validate
 

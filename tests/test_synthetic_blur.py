@@ -119,3 +119,84 @@ def test_generator_rejects_bad_arguments(tmp_path, capsys):
     assert make_main(["--out", str(tmp_path / "x"), "--source", str(tmp_path / "none")]) == 2
     assert "error:" in capsys.readouterr().err
     assert make_main(["--out", str(tmp_path / "x"), "--defocus-radius", "5", "1"]) == 2
+
+
+def _photos(folder: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for name in ("p1", "p2", "p3"):
+        write_image(folder / f"{name}.png", rng.random((24, 28, 3)), bit_depth=8)
+    return folder
+
+
+def test_a_used_output_folder_is_refused_without_overwrite_and_replaced_whole_with_it(tmp_path, capsys, monkeypatch):
+    import tools.make_synthetic_blur as tool
+
+    source = _photos(tmp_path / "photos")
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    common = ["--source", str(source), "--noise", "0", "0", "--quiet"]
+    assert make_main(["--out", str(out), "--per-image", "2", *common]) == 0
+    before = _tree(out)
+    assert any("_01" in name for name in before)
+
+    capsys.readouterr()
+    assert make_main(["--out", str(out), "--per-image", "1", *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and "--overwrite" in err and err.count("\n") == 1
+    assert _tree(out) == before  # nothing written
+
+    # A generation that fails half-way leaves the previous dataset as it was, and no temporaries.
+    written = []
+
+    def failing_write(path, pixels, bit_depth=8):
+        written.append(path)
+        if len(written) == 3:
+            raise OSError("disk full")
+        return write_image(path, pixels, bit_depth=bit_depth)
+
+    monkeypatch.setattr(tool, "write_image", failing_write)
+    assert make_main(["--out", str(out), "--per-image", "1", "--overwrite", *common]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "photos"]
+    monkeypatch.undo()
+
+    # With --overwrite the folder holds exactly what a generation into a new folder holds.
+    assert make_main(["--out", str(out), "--per-image", "1", "--overwrite", *common]) == 0
+    assert make_main(["--out", str(fresh), "--per-image", "1", *common]) == 0
+    assert _tree(out) == _tree(fresh)
+    assert not any("_01" in name for name in _tree(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "out", "photos"]
+
+
+def test_overwrite_refuses_a_folder_holding_other_files(tmp_path, capsys):
+    source = _photos(tmp_path / "photos")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert make_main(["--out", str(out), "--source", str(source), "--overwrite", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "notes.txt" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    # The photos a dataset was made from are not deleted with it.
+    assert make_main(["--out", str(tmp_path / "data"), "--source", str(source), "--quiet"]) == 0
+    inside = tmp_path / "data" / "train" / "target"
+    assert make_main(["--out", str(tmp_path / "data"), "--source", str(inside), "--overwrite", "--quiet"]) == 2
+    assert "lies inside --out" in capsys.readouterr().err
+    # An empty folder is used as it is.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert make_main(["--out", str(empty), "--source", str(source), "--quiet"]) == 0
+    assert (empty / "manifest.json").is_file()
+
+
+def test_the_cpu_configs_name_one_data_command() -> None:
+    """The synthetic-data configs of both stages train on the same data, made by one command."""
+    repo = Path(__file__).resolve().parents[1]
+    configs = [*sorted((repo / "configs/prior").glob("cpu_*.yaml")), *sorted((repo / "configs/swintormer").glob("cpu_*.yaml"))]
+    commands = {}
+    for config in configs:
+        lines = [line.lstrip("# ").strip() for line in config.read_text().splitlines()
+                 if line.startswith("#") and line.lstrip("# ").startswith("python tools/make_synthetic_blur.py")]
+        assert len(lines) == 1, config.name
+        commands[config.name] = lines[0]
+    assert len(configs) == 6 and len(set(commands.values())) == 1, commands
+    assert "--out data/synth" in next(iter(commands.values()))

@@ -3,6 +3,7 @@ stay frozen, both objectives' loss steps, and the train_prior pipeline on the sh
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from ldm_prior.trainer import PriorTrainer
 from pipelines.train_prior import PriorTrainConfig
 from pipelines.train_prior import main as train_prior
 from swintormer.core.config import ConfigError
+from swintormer.core.image_io import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,15 +94,17 @@ def test_frozen_parameters_do_not_change_while_the_rest_trains(objective: str, p
     changed -= {name for name in changed if name.startswith("discriminator.") and ("running_" in name or "num_batches" in name)}
     assert changed and changed <= trainable  # nothing frozen moved
     assert any(name.startswith("prior.") for name in changed)
+    if objective == "noise":
+        assert set(logs) == {"diffusion_loss"} and torch.equal(logs["diffusion_loss"], loss.detach())
     if objective == "vq_decoder":
-        assert {"l1", "gan_g", "gan_d"} <= set(logs)
+        assert set(logs) == {"decoder_l1", "gan_generator", "gan_discriminator"}
         assert any(name.startswith("discriminator.") for name in changed)
         prefixes = ("prior.vqvae.decoder.", "prior.vqvae.post_quant_conv.", "discriminator.")
         assert {name for name in changed if not name.startswith(prefixes)} == (
             {name for name in trainable if name.startswith("prior.unet.")})
 
 
-def test_validation_noise_loss_is_deterministic_with_a_generator() -> None:
+def test_validation_diffusion_loss_is_deterministic_with_a_generator() -> None:
     model = PriorModel.from_config("tiny", seed=0)
     blurry, sharp = _images(2, 32)
     scheduler = model.ddpm_scheduler()
@@ -297,7 +301,16 @@ def test_pipeline_trains_only_the_selected_parameters_and_saves_a_loadable_prior
                         "train.logging.progress_bar=false"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "trainable parameters:" in printed and "frozen:" in printed and "noise_loss" in printed
+    assert "trainable parameters:" in printed and "frozen:" in printed
+    assert "diffusion_loss" in printed and "prior_psnr" in printed and "noise_loss" not in printed
+    validation = [json.loads(line) for line in (out / "logs/metrics.jsonl").read_text().splitlines() if "val/vq_psnr" in line]
+    assert [line["step"] for line in validation] == [3]
+    assert {"val/diffusion_loss", "val/vq_psnr", "val/prior_psnr", "val/input_psnr"} == {k for k in validation[0] if k.startswith("val/")}
+    # the two test crops as blurry | prior | sharp (32 px each, two white columns apart), prior PSNR in the name
+    images = sorted((out / "validation/step_00000003").iterdir())
+    assert [p.name.split("_prior_")[0] for p in images] == ["00_test0", "01_test1"]
+    assert all(p.name.endswith("dB.png") for p in images)
+    assert read_image(images[0]).pixels.shape == (32, 3 * 32 + 2 * 2, 3)
     trained = PriorModel.from_pretrained(out / "model")
     initial = PriorModel.from_config("tiny", seed=0)
     frozen_equal = [torch.equal(a, b) for (name, a), (_, b) in zip(initial.named_parameters(), trained.named_parameters())
@@ -346,10 +359,42 @@ def test_validation_scores_a_pixel_residual_prior_by_what_a_perfect_residual_giv
     dataset = [{"input": blurry[0], "target": sharp[0], "name": "a.png"}]
     config = PriorTrainConfig(validation={"crop": 32, "noise_draws": 1})
     with torch.no_grad():
-        scores = {name: make_validation(dataset, config.mode, config.validation)(PriorTrainer(model, mode=config.mode), 0)["vq_psnr"]
+        scores = {name: make_validation(dataset, config.mode, config.validation)(PriorTrainer(model, mode=config.mode), 0).metrics["vq_psnr"]
                   for name, model in (("plain", residual), ("pixel", pixel))}
         codec = LatentCodec.for_model(pixel, "full")
         change = codec.decode(codec.encode(sharp)) - codec.decode(codec.encode(blurry))
     by_hand = psnr(((blurry * 2 - 1 + change + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy(), sharp[0].permute(1, 2, 0).numpy())
     assert scores["pixel"] == pytest.approx(by_hand, abs=1e-3)
     assert abs(scores["pixel"] - scores["plain"]) > 0.5
+
+
+def test_decoder_tuning_validation_reports_its_own_loss_and_the_prior_sampled_as_configured() -> None:
+    """A vq_decoder run (UNet frozen) reports decoder_l1 and prior_psnr, no diffusion loss (it
+    cannot change), and samples its priors with the validation's steps and spacing."""
+    from ldm_prior.finetune import select_for_objective
+    from ldm_prior.sampling import PriorSampler, SamplingSettings, image_seed
+    from ldm_prior.trainer import make_validation
+    from swintormer.core.metrics import psnr
+
+    model = PriorModel.from_config("tiny", seed=0).eval()
+    select_for_objective(model, "vq_decoder", None, False)
+    blurry, sharp = _images(2, 32)
+    dataset = [{"input": blurry[i], "target": sharp[i], "name": f"sub/img{i}.png"} for i in range(2)]
+    config = PriorTrainConfig(objective="vq_decoder", mode="quarter",
+                              validation={"crop": 32, "noise_draws": 1, "prior_steps": 2,
+                                          "prior_timestep_spacing": "trailing", "images": 1})
+    with torch.no_grad():
+        report = make_validation(dataset, config.mode, config.validation)(
+            PriorTrainer(model, config.objective, config.mode, config.loss), 0)
+        sampler = PriorSampler(model, SamplingSettings(steps=2, mode="quarter", timestep_spacing="trailing"))
+        priors = [sampler.sample(blurry[i].permute(1, 2, 0).numpy(), image_seed(config.validation.seed, f"sub/img{i}.png"))
+                  for i in range(2)]
+    assert set(report.metrics) == {"decoder_l1", "vq_psnr", "prior_psnr", "input_psnr"}
+    assert report.metrics["decoder_l1"] > 0
+    sharp_images = [sharp[i].permute(1, 2, 0).numpy() for i in range(2)]
+    expected = np.mean([psnr(prior, target) for prior, target in zip(priors, sharp_images)])
+    assert report.metrics["prior_psnr"] == pytest.approx(expected, abs=1e-4)
+    [image] = report.images
+    assert image.name == "00_img0" and image.note == f"prior_{psnr(priors[0], sharp_images[0]):.2f}dB"
+    np.testing.assert_allclose(image.panels[1], priors[0], atol=1e-6)
+    np.testing.assert_allclose(image.panels[2], sharp_images[0], atol=1e-6)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -40,6 +41,17 @@ def test_small_cpu_config_beats_the_blurry_input(synthetic, tmp_path):
     last = validation_lines(run)[-1]
     assert last["step"] == 30
     assert last["val/psnr"] > last["val/input_psnr"] + 0.1, last  # measured: 24.67 vs 24.43 dB
+    # the first four validation images, blurry | output | sharp side by side, the output's PSNR in the name
+    images = sorted((run / "validation/step_00000030").iterdir())
+    assert len(images) == 4 and all("_output_" in p.name and p.name.endswith("dB.png") for p in images)
+    from swintormer.core.image_io import read_image
+
+    for image in images:
+        sharp = read_image(synthetic / "test/target" / f"{image.name.split('_output_')[0][3:]}.png").pixels
+        height, width = sharp.shape[:2]  # under the 256 px crop: whole
+        pixels = read_image(image).pixels
+        assert pixels.shape == (height, 3 * width + 2 * 2, 3)
+        np.testing.assert_allclose(pixels[:, 2 * width + 4:], sharp, atol=0.5 / 255)
     # the run folder: resolved config, final checkpoint, EMA model saved with save_pretrained
     assert (run / "config.yaml").is_file() and (run / "checkpoints/step_00000030/trainer_state.json").is_file()
     from swintormer.models import Swintormer
@@ -84,6 +96,17 @@ def test_prior_from_files_trains_six_channel_model(synthetic, tmp_path):
     # validation with the sliding-window inferencer after step 1, and training went on after it
     assert [line["step"] for line in validation_lines(run)] == [1, 2]
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "logs/tensorboard").iterdir())
+    # the 6-channel network's validation images show the prior it saw: blurry | prior | output | sharp
+    from swintormer.core.image_io import read_image
+
+    for step in (1, 2):
+        [image] = (run / f"validation/step_0000000{step}").iterdir()
+        pixels = read_image(image).pixels
+        sharp = read_image(synthetic / "test/target" / f"{image.name.split('_output_')[0][3:]}.png").pixels
+        height, width = sharp.shape[:2]
+        assert pixels.shape == (height, 4 * width + 3 * 2, 3)
+        np.testing.assert_allclose(pixels[:, width + 2: 2 * width + 2], 0.9 * sharp, atol=1 / 255)  # the stand-in prior
+        np.testing.assert_allclose(pixels[:, 3 * width + 6:], sharp, atol=0.5 / 255)
     assert json.loads((run / "model/config.json").read_text())["in_channels"] == 6
     weights = load_file(run / "checkpoints/step_00000002/model.safetensors")
     assert any(t.ndim == 4 and t.shape[1] == 24 for t in weights.values())  # 6 channels pixel-unshuffled

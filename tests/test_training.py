@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -413,3 +414,100 @@ def test_parse_duration():
         with pytest.raises(ValueError):
             run_control.parse_duration(bad)
     assert 0 < run_control.seconds_since_process_start() < 7 * 24 * 3600
+
+
+# --------------------------------------------------------------------------- what a run shows
+
+
+def test_the_run_prints_its_plan_with_the_effective_batch_and_then_a_time_estimate(tmp_path, capsys):
+    def validate(model, step):
+        return {"score": float(step)}
+
+    torch.manual_seed(0)
+    task = TrainingTask(model=SmallNet(), loss_step=l1_step, train_dataset=NoisyPairs(), validate=validate)
+    run_training(task, small_config(validate_every_steps=6), tmp_path / "run", max_steps=8)
+    out = capsys.readouterr().out
+    assert ("training 8 steps (from step 0), batch 3 per process x 1 process x 2 accumulation steps "
+            "= effective batch 6; checkpoint every 100 steps, validation every 6 steps") in out
+    lines = out.splitlines()
+    first = next(line for line in lines if line.startswith("step 5 of 8: about "))
+    # after step 5: three steps, the final checkpoint, two validations (step 6 and the last) not yet timed
+    assert "left for the remaining 3 steps" in first and "1 checkpoint of ~" in first
+    assert "2 validations, not timed yet, left out" in first and ", done around 20" in first
+    # after the first validation (step 6) the estimate counts its measured time
+    second = next(line for line in lines if line.startswith("step 6 of 8: about "))
+    assert "remaining 2 steps" in second and "1 validation, ~" in second and "each" in second
+    assert lines.index(first) < lines.index(second)
+
+
+def test_the_time_estimate_adds_steps_checkpoints_and_validations():
+    seconds, validations, checkpoints = training.remaining_time(
+        5, 8, 2.0, checkpoint_every=100, checkpoint_seconds=3.0, validate_every=2, validation_seconds=0.5)
+    assert (validations, checkpoints) == (2, 1)  # validations after steps 6 and 8; the final checkpoint
+    assert seconds == pytest.approx(3 * 2.0 + 3.0 + 2 * 0.5)
+    seconds, validations, checkpoints = training.remaining_time(
+        0, 10, 1.0, checkpoint_every=4, checkpoint_seconds=2.0, validate_every=3, validation_seconds=None,
+        validate_at_end=False)
+    assert (validations, checkpoints) == (3, 3) and seconds == pytest.approx(10 + 3 * 2.0)  # 4, 8, 10; 3, 6, 9
+    line = training.plan_line(300, 100, 4, 2, 3, checkpoint_every=50, validate_every=None)
+    assert "batch 4 per process x 2 processes x 3 accumulation steps = effective batch 24" in line
+    assert line.startswith("training 300 steps (from step 100)") and "no validation" in line
+    assert [training.format_duration(s) for s in (0.42, 3.25, 42, 245, 11220, 183600)] == [
+        "0.42 s", "3.2 s", "42 s", "4 min 05 s", "3 h 07 min", "2 d 03 h"]
+
+
+def test_validation_images_are_written_per_step_and_to_tensorboard(tmp_path):
+    from swintormer.core.image_io import read_image
+    from swintormer.core.validation_images import ValidationImage, ValidationReport
+
+    def validate(model, step):
+        bright = np.full((4, 5, 3), 0.8, dtype=np.float32)
+        gradient = np.linspace(0, 1, 4 * 6, dtype=np.float32).reshape(4, 6)  # grey, wider
+        return ValidationReport({"score": float(step)}, [
+            ValidationImage("00_first", [bright, gradient], note=f"score_{step}"),
+            ValidationImage("01_second", [np.zeros((2, 3, 3), np.float32)]),
+        ])
+
+    def run(name, max_steps, **kwargs):
+        torch.manual_seed(0)
+        task = TrainingTask(model=SmallNet(), loss_step=l1_step, train_dataset=NoisyPairs(), validate=validate)
+        config = small_config(validate_every_steps=2, checkpoint={"every_steps": 2, "keep_last": 5},
+                              logging={"every_steps": 1, "tensorboard": True, "progress_bar": False})
+        return run_training(task, config, tmp_path / name, max_steps=max_steps, **kwargs)
+
+    run("run", 6, stop=StopRules(after_steps=4))
+    folder = tmp_path / "run/validation"
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000002", "step_00000004"]
+    assert sorted(p.name for p in (folder / "step_00000004").iterdir()) == ["00_first_score_4.png", "01_second.png"]
+    first = read_image(folder / "step_00000004/00_first_score_4.png").pixels
+    assert first.shape == (4, 5 + 2 + 6, 3)  # panels side by side, two white columns apart
+    np.testing.assert_allclose(first[:, :5], 0.8, atol=0.5 / 255)
+    np.testing.assert_allclose(first[:, 5:7], 1.0)
+    np.testing.assert_allclose(first[:, 7:, 0], np.linspace(0, 1, 24).reshape(4, 6), atol=0.5 / 255)
+    second = read_image(folder / "step_00000004/01_second.png").pixels
+    assert second.shape == (2, 3, 3) and second.max() == 0
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run/logs/tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert set(events.Tags()["images"]) == {"validation/00_first", "validation/01_second"}
+    assert [e.step for e in events.Images("validation/00_first")] == [2, 4]
+    assert (events.Images("validation/00_first")[0].width, events.Images("validation/00_first")[0].height) == (13, 4)
+
+    # Resuming an earlier checkpoint drops the later steps' images, as it cuts the metrics log back.
+    run("run", 6, resume=str(tmp_path / "run/checkpoints/step_00000002"), stop=StopRules(after_steps=3))
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000002"]
+    run("run", 6, overwrite=True, stop=StopRules(after_steps=1))
+    assert not folder.exists()  # --overwrite deletes them with the rest of the run
+
+
+def test_validation_image_names_are_safe_file_names_and_must_differ(tmp_path):
+    from swintormer.core.validation_images import ValidationImage, image_file_name, write_validation_images
+
+    panel = np.zeros((2, 2, 3), np.float32)
+    assert image_file_name(ValidationImage("03_a/b c", [panel], note="psnr 1.5dB")) == "03_a_b_c_psnr_1.5dB.png"
+    with pytest.raises(ValueError, match="not unique"):
+        write_validation_images(tmp_path, 1, [ValidationImage("x", [panel]), ValidationImage("x", [panel])])
+    assert not (tmp_path / "validation/step_00000001").exists()
+    assert write_validation_images(tmp_path, 1, []) == []

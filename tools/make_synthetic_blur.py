@@ -1,6 +1,6 @@
 """Make a synthetic deblurring dataset in the DPDD layout from sharp photos.
 
-    python tools/make_synthetic_blur.py --out data/synth --blur both --seed 0 --per-image 2 --max-size 256
+    python tools/make_synthetic_blur.py --out data/synth --blur both --seed 0 --per-image 6 --max-size 192
 
 Output (``DIR`` = ``--out``)::
 
@@ -12,6 +12,12 @@ Output (``DIR`` = ``--out``)::
 
 ``NAME`` is ``<photo>_<variant>`` (variant 0..N-1 from ``--per-image N``). Each variant draws
 its own kernel, noise and (with ``--crop``) crop position.
+
+The dataset is built in a temporary folder beside ``--out`` and renamed into place when
+complete, so ``--out`` never holds half a dataset, nor files of two. A non-empty ``--out`` is
+refused unless ``--overwrite`` is given; then the new dataset replaces the folder as a whole,
+which is allowed only when it holds nothing but what this tool writes (``manifest.json``,
+``train/``, ``test/``).
 
 Default source: the colour photographs bundled inside scikit-image (no download):
 astronaut (512×512), chelsea (300×451), coffee (400×600), rocket (427×640), motorcycle_left and
@@ -45,7 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from swintormer.core.files import atomic_write_bytes  # noqa: E402
+from swintormer.core.files import atomic_folder, atomic_write_bytes, remove_stale_temporaries  # noqa: E402
 from swintormer.core.image_io import ImageReadError, list_images, read_image, write_image  # noqa: E402
 from swintormer.core.data.synthetic_blur import (  # noqa: E402
     BlurRanges,
@@ -54,6 +60,9 @@ from swintormer.core.data.synthetic_blur import (  # noqa: E402
     sample_blur,
     save_kernel,
 )
+
+#: What the tool writes into ``--out``; ``--overwrite`` replaces a folder holding only these.
+OUTPUTS = ("manifest.json", "train", "test")
 
 SKIMAGE_PHOTOS = {
     # file in skimage/data → split group (photos of one scene share a group)
@@ -105,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a reproducible synthetic blur dataset (DPDD layout: DIR/{train,test}/{inputC,target}) "
         "from sharp photos, with the true kernel and its parameters saved per image."
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (absent or empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a dataset this tool wrote before in --out: the new one is built beside it and "
+                             "swapped in when complete, and the old one deleted (refused when --out holds other files)")
     parser.add_argument("--source", type=Path, default=None, help="folder of sharp photos (default: scikit-image's bundled colour photos)")
     parser.add_argument("--blur", choices=("defocus", "motion", "both"), default="defocus", help="kernel family; 'both' picks one at random per image")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
@@ -128,7 +140,28 @@ def _check_range(name: str, values: list[float], minimum: float) -> tuple[float,
     return float(low), float(high)
 
 
+def check_output_folder(out: Path, overwrite: bool, source: Path | None) -> None:
+    """Refuse an ``--out`` that the new dataset may not replace (ValueError, one line)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    entries = sorted(entry.name for entry in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    listed = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    if not overwrite:
+        raise ValueError(f"--out {out} is not empty ({listed}); pass --overwrite to replace the dataset in it, "
+                         "or choose another folder")
+    foreign = [name for name in entries if name not in OUTPUTS]
+    if foreign:
+        raise ValueError(f"--overwrite replaces --out {out} as a whole, but it holds {', '.join(foreign[:4])}, which "
+                         "this tool does not write; choose another folder")
+    if source is not None and source.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"--source {source} lies inside --out {out}, which --overwrite would delete")
+
+
 def make_dataset(args: argparse.Namespace) -> dict:
+    """Check the arguments and ``--out``, then write the dataset (see the module docstring)."""
+    check_output_folder(args.out, args.overwrite, args.source)
     ranges = BlurRanges(
         defocus_radius=_check_range("--defocus-radius", args.defocus_radius, 1e-3),
         motion_length=_check_range("--motion-length", args.motion_length, 1e-3),
@@ -156,7 +189,14 @@ def make_dataset(args: argparse.Namespace) -> dict:
     if len(set(stems)) != len(stems):
         raise ValueError("source photos must have distinct file stems")
     train_groups, test_groups = split_groups([group for _, group in photos], args.test_fraction)
+    remove_stale_temporaries(args.out.resolve().parent, args.out.resolve().name)  # left by a killed run
+    with atomic_folder(args.out.resolve()) as staging:
+        return _write_dataset(args, staging, photos, source_label, ranges, train_groups, test_groups)
 
+
+def _write_dataset(args: argparse.Namespace, root: Path, photos: list[tuple[Path, str]], source_label: str,
+                   ranges: BlurRanges, train_groups: set[str], test_groups: set[str]) -> dict:
+    """Write every pair, its kernel and the manifest into ``root``; returns the manifest."""
     kinds = ("defocus", "motion") if args.blur == "both" else (args.blur,)
     files: dict[str, list[str]] = {"train": [], "test": []}
     jobs = [(path, group, variant) for path, group in photos for variant in range(args.per_image)]
@@ -184,7 +224,7 @@ def make_dataset(args: argparse.Namespace) -> dict:
         target = np.rint(np.clip(sharp_view, 0, 1) * scale) / scale
         blurry = degrade(rng, target.astype(np.float32), sample)
         name = f"{path.stem}_{variant:02d}"
-        split_dir = args.out / split
+        split_dir = root / split
         write_image(split_dir / "target" / f"{name}.png", target, bit_depth=args.bit_depth)
         write_image(split_dir / "inputC" / f"{name}.png", blurry, bit_depth=args.bit_depth)
         save_kernel(split_dir / "kernels" / f"{name}.safetensors", sample.kernel)
@@ -205,7 +245,7 @@ def make_dataset(args: argparse.Namespace) -> dict:
         "split": {"train": sorted(train_groups), "test": sorted(test_groups)},
         "files": {split: sorted(names) for split, names in files.items()},
     }
-    atomic_write_bytes(args.out / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(root / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return manifest
 
 
@@ -213,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         manifest = make_dataset(args)
-    except (ValueError, FileNotFoundError, ImageReadError) as exc:
+    except (ValueError, OSError, ImageReadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     counts = {split: len(names) for split, names in manifest["files"].items()}

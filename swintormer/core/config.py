@@ -200,7 +200,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "a non-empty --output is refused")
     folder.add_argument("--overwrite", action="store_true",
                         help="start over in a used --output: first delete the previous run's checkpoints/, "
-                             "logs/, model/, debug/, config.yaml and status.json (other files in the folder "
+                             "logs/, validation/, model/, debug/, config.yaml and status.json (other files in the folder "
                              "are kept)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="override a config value; the value is parsed as YAML")

@@ -62,7 +62,7 @@ EXIT_ABORTED = 130
 SECOND_SIGINT_AFTER_S = 1.0
 
 #: What a training run writes into its folder; ``--overwrite`` deletes these and nothing else.
-RUN_OUTPUTS = ("checkpoints", "logs", "model", "debug", "config.yaml", "status.json")
+RUN_OUTPUTS = ("checkpoints", "logs", "validation", "model", "debug", "config.yaml", "status.json")
 STATUS_FILE = "status.json"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step_"
@@ -313,7 +313,7 @@ def prepare_run_folder(output_dir: str | os.PathLike[str], resume: str | None, o
                 shutil.rmtree(path)
             if later:
                 lines.append(f"--resume {resume}: deleted the later checkpoints {', '.join(p.name for p in later)}")
-    for folder in (output_dir, output_dir / CHECKPOINT_DIR, output_dir / "logs"):
+    for folder in (output_dir, output_dir / CHECKPOINT_DIR, output_dir / "logs", output_dir / "validation"):
         remove_stale_temporaries(folder)
     return checkpoint, lines
 

@@ -34,7 +34,13 @@ and calls :func:`run_training`; the engine does the rest, the same way for every
   :class:`NonFiniteLossError` naming the step; the last good checkpoint is left untouched;
 - progress bar with loss and speed, a JSON-lines log and TensorBoard when installed,
   validation every N steps on the main process (EMA weights by default; the other processes
-  wait at a barrier, so keep validation well under the process group's timeout).
+  wait at a barrier, so keep validation well under the process group's timeout). A validation
+  hook may return a :class:`~swintormer.core.validation_images.ValidationReport`: its images
+  (panels side by side) are written to ``RUN_DIR/validation/step_XXXXXXXX/`` and TensorBoard;
+- what the run will do, printed at its start by the main process: the steps, and the effective
+  batch (per-process batch x processes x accumulation steps); after its first few steps (or
+  half a minute) an estimate of the time left and of when it ends, from the measured step,
+  checkpoint and (once one has run) validation times, and again after its first validation.
 
 A pipeline's use, in full::
 
@@ -47,9 +53,9 @@ A pipeline's use, in full::
 The run folder then holds ``checkpoints/step_XXXXXXXX/`` (``model.safetensors``,
 ``ema.safetensors``, ``optimizer.safetensors`` + ``optimizer.json``, ``scheduler.json``,
 ``rng.safetensors``, ``grad_scaler.json`` with fp16, and ``trainer_state.json`` written last),
-``logs/metrics.jsonl``, ``logs/tensorboard/``, ``status.json``, ``config.yaml`` (the
-``run_config`` given to :func:`run_training`) and ``model/`` (from ``save_final``, when the run
-reaches ``max_steps``).
+``logs/metrics.jsonl``, ``logs/tensorboard/``, ``validation/step_XXXXXXXX/*.png`` (when the
+hook returns images), ``status.json``, ``config.yaml`` (the ``run_config`` given to
+:func:`run_training`) and ``model/`` (from ``save_final``, when the run reaches ``max_steps``).
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import time
 from collections import deque
@@ -95,6 +102,13 @@ from swintormer.core.run_control import (
     stop_signals,
     write_status,
 )
+from swintormer.core.validation_images import (
+    ValidationImage,
+    ValidationReport,
+    remove_later_steps,
+    side_by_side,
+    write_validation_images,
+)
 
 __all__ = [
     "LossStep",
@@ -108,6 +122,9 @@ __all__ = [
     "lr_factor_fn",
     "find_checkpoint",
     "run_training",
+    "plan_line",
+    "remaining_time",
+    "format_duration",
 ]
 
 # Checkpoints are CHECKPOINT_DIR/CHECKPOINT_PREFIX<step>/, with STATE_FILE written last: its
@@ -128,8 +145,10 @@ class TrainingTask:
     pipeline can freeze part of its model. ``aux_modules`` are moved to the device but not
     trained nor saved (loss networks). ``validate(model, step)`` runs on the main process under
     ``torch.no_grad`` with the model in eval mode (EMA weights applied unless
-    ``ema.use_for_validation`` is off) and returns metrics to log. ``save_final(model, folder)``
-    exports the final model (EMA weights unless ``ema.use_for_export`` is off).
+    ``ema.use_for_validation`` is off) and returns metrics to log, or a
+    :class:`~swintormer.core.validation_images.ValidationReport` of metrics and images to write.
+    ``save_final(model, folder)`` exports the final model (EMA weights unless
+    ``ema.use_for_export`` is off).
     """
 
     model: nn.Module
@@ -137,7 +156,7 @@ class TrainingTask:
     train_dataset: Dataset
     parameters: Sequence[nn.Parameter] | None = None
     aux_modules: Sequence[nn.Module] = ()
-    validate: Callable[[nn.Module, int], dict[str, float]] | None = None
+    validate: Callable[[nn.Module, int], "dict[str, float] | ValidationReport"] | None = None
     save_final: Callable[[nn.Module, Path], None] | None = None
     collate_fn: Callable[[list[Any]], Any] = default_collate
 
@@ -452,6 +471,7 @@ class _Engine:
         self._step_seconds: deque[float] = deque(maxlen=20)  # the last steps' times
         self._checkpoint_seconds: float | None = None
         self._validation_seconds = 0.0
+        self._validation_measured = False
 
         model = task.model
         if config.gradient_checkpointing:
@@ -631,11 +651,18 @@ class _Engine:
                             purge_step=self.step + 1 if self.step else None)
         batches = _batches(task.train_dataset, self.sampler, cfg.batch_size, self.step * cfg.grad_accum_steps,
                            cfg.num_workers, task.collate_fn, cfg.seed)
+        if acc.is_main_process and self.step < self.max_steps:
+            print(plan_line(self.max_steps, self.step, cfg.batch_size, acc.num_processes, cfg.grad_accum_steps,
+                            checkpoint_every=cfg.checkpoint.every_steps,
+                            validate_every=cfg.validate_every_steps if task.validate is not None else None),
+                  flush=True)
         progress = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                         disable=not (acc.is_main_process and cfg.logging.progress_bar))
         self.model.train()
         images_per_step = self.global_batch
         window_start, window_steps, window_loss = _clock(), 0, 0.0
+        loop_start, first_step = _clock(), self.step
+        estimates_shown = 0  # 1 after the first few steps, 2 after the first validation
         part_logs: dict[str, float] = {}  # sums over the logging window of the loss_step's logs
 
         def log_window() -> None:
@@ -653,13 +680,29 @@ class _Engine:
             part_logs = {}
 
         def validate_and_log() -> None:
+            nonlocal estimates_shown
             started = _clock()
-            metrics = self.validate()
-            self._validation_seconds = _clock() - started
-            if metrics is not None:
+            report = self.validate()
+            if report is not None:
+                metrics, images = report
+                written = write_validation_images(self.output_dir, self.step, images)
+                logger.log_images(self.step, images)
                 result.validation.append((self.step, metrics))
                 logger.log(self.step, {f"val/{k}": v for k, v in metrics.items()})
-                progress.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                progress.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                               + (f" ({len(written)} images in {written[0].parent})" if written else ""))
+            self._validation_seconds = _clock() - started
+            self._validation_measured = True
+            if acc.is_main_process and estimates_shown == 1 and self.step < self.max_steps:
+                progress.write(self._estimate_line(validate_at_end))  # now with the validation's time
+                estimates_shown = 2
+
+        def maybe_estimate() -> None:
+            nonlocal estimates_shown
+            if (acc.is_main_process and estimates_shown == 0 and self.step < self.max_steps
+                    and (self.step - first_step >= ESTIMATE_AFTER_STEPS or _clock() - loop_start >= ESTIMATE_AFTER_S)):
+                progress.write(self._estimate_line(validate_at_end))
+                estimates_shown = 1
 
         if self.stop.after_steps is not None and self.max_steps > self.step >= self.stop.after_steps:
             result.stop_reason = "stop after steps"  # resumed at or after the requested stop: no step to take
@@ -694,6 +737,7 @@ class _Engine:
                 window_steps += 1
                 window_loss += step_loss
                 progress.update(1)
+                maybe_estimate()
                 finished = self.step == self.max_steps
                 if self.step % cfg.logging.every_steps == 0 or finished:
                     log_window()
@@ -748,12 +792,13 @@ class _Engine:
         tensor = torch.tensor([value], device=self.accelerator.device)
         return float(self.accelerator.reduce(tensor, reduction="mean").item())
 
-    def validate(self) -> dict[str, float] | None:
-        """The task's validation on the main process. The random number generators are put back
-        afterwards, so that a hook that draws from them cannot make a resumed run (which does not
-        repeat the validation of its checkpoint's step) differ from an uninterrupted one."""
+    def validate(self) -> tuple[dict[str, float], list[ValidationImage]] | None:
+        """The task's validation on the main process: its metrics and images (None on the other
+        processes). The random number generators are put back afterwards, so that a hook that
+        draws from them cannot make a resumed run (which does not repeat the validation of its
+        checkpoint's step) differ from an uninterrupted one."""
         acc = self.accelerator
-        metrics = None
+        report = None
         if acc.is_main_process:
             model = self.unwrapped
             was_training = model.training
@@ -762,12 +807,41 @@ class _Engine:
             rng_small, rng_tensors = _rng_state()
             try:
                 with torch.no_grad(), (self.ema.applied_to(model) if use_ema else nullcontext()):  # type: ignore[union-attr]
-                    metrics = {k: float(v) for k, v in self.task.validate(model, self.step).items()}  # type: ignore[misc]
+                    returned = self.task.validate(model, self.step)  # type: ignore[misc]
             finally:
                 _set_rng_state(rng_small, rng_tensors)
             model.train(was_training)
+            if isinstance(returned, ValidationReport):
+                report = ({k: float(v) for k, v in returned.metrics.items()}, list(returned.images))
+            else:
+                report = ({k: float(v) for k, v in returned.items()}, [])
         acc.wait_for_everyone()
-        return metrics
+        return report
+
+    def _estimate_line(self, validate_at_end: bool) -> str:
+        """The time the rest of the run will take and when it will end, in one line."""
+        measured = list(self._step_seconds)
+        # The first step of a process also builds kernels and fills caches: leave it out once there are others.
+        step_seconds = statistics.median(measured[1:] if len(measured) > 1 else measured)
+        cfg = self.config
+        validate_every = cfg.validate_every_steps if self.task.validate is not None else None
+        seconds, validations, checkpoints = remaining_time(
+            self.step, self.max_steps, step_seconds, checkpoint_every=cfg.checkpoint.every_steps,
+            checkpoint_seconds=self._checkpoint_estimate(), validate_every=validate_every,
+            validation_seconds=self._validation_seconds if self._validation_measured else None,
+            validate_at_end=validate_at_end)
+        remaining = self.max_steps - self.step
+        parts = [f"{format_duration(step_seconds)} a step"]
+        if checkpoints:
+            parts.append(f"{checkpoints} checkpoint{'s' if checkpoints != 1 else ''} of "
+                         f"~{format_duration(self._checkpoint_estimate())}")
+        if validations:
+            each = (f"~{format_duration(self._validation_seconds)} each" if self._validation_measured
+                    else "not timed yet, left out")
+            parts.append(f"{validations} validation{'s' if validations != 1 else ''}, {each}")
+        finish = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(time.time() + seconds))
+        return (f"step {self.step} of {self.max_steps}: about {format_duration(seconds)} left for the remaining "
+                f"{remaining} step{'s' if remaining != 1 else ''} ({'; '.join(parts)}), done around {finish}")
 
 
 _clock = time.perf_counter  # the timer of steps, checkpoints and validation (tests replace it)
@@ -776,6 +850,67 @@ _STOP_FOR_TIME = 1_000  # above every signal number, so the all-reduce's maximum
 
 def _checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+#: The first time estimate comes after this many steps of the run, or this many seconds,
+#: whichever comes first.
+ESTIMATE_AFTER_STEPS = 5
+ESTIMATE_AFTER_S = 30.0
+
+
+def _plural(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else (plural or word + 's')}"
+
+
+def plan_line(max_steps: int, step: int, batch_size: int, num_processes: int, grad_accum_steps: int, *,
+              checkpoint_every: int, validate_every: int | None) -> str:
+    """What a run is about to do, in one line: its steps and its effective batch (the samples one
+    optimizer step averages: per-process batch x processes x accumulation steps)."""
+    effective = batch_size * num_processes * grad_accum_steps
+    cadence = f"checkpoint every {_plural(checkpoint_every, 'step')}"
+    cadence += f", validation every {_plural(validate_every, 'step')}" if validate_every is not None else ", no validation"
+    return (f"training {max_steps} steps (from step {step}), batch {batch_size} per process x "
+            f"{_plural(num_processes, 'process', 'processes')} x {_plural(grad_accum_steps, 'accumulation step')} "
+            f"= effective batch {effective}; {cadence}")
+
+
+def _due_after(step: int, max_steps: int, every: int | None, at_end: bool) -> int:
+    """How many of the steps ``step + 1 .. max_steps`` are multiples of ``every``, plus the last
+    step when ``at_end`` and it is not one."""
+    if every is None or step >= max_steps:
+        return 0
+    count = max_steps // every - step // every
+    return count + (1 if at_end and max_steps % every else 0)
+
+
+def remaining_time(step: int, max_steps: int, step_seconds: float, *, checkpoint_every: int,
+                   checkpoint_seconds: float, validate_every: int | None, validation_seconds: float | None,
+                   validate_at_end: bool = True) -> tuple[float, int, int]:
+    """Seconds the steps after ``step`` take with the checkpoints and validations they lead to
+    (the engine writes one of each at the last step too); returns (seconds, validations,
+    checkpoints). An unmeasured validation (``validation_seconds`` None) counts as no time."""
+    checkpoints = _due_after(step, max_steps, checkpoint_every, at_end=True)
+    validations = _due_after(step, max_steps, validate_every, at_end=validate_at_end)
+    seconds = (max_steps - step) * step_seconds + checkpoints * checkpoint_seconds
+    seconds += validations * (validation_seconds or 0.0)
+    return seconds, validations, checkpoints
+
+
+def format_duration(seconds: float) -> str:
+    """``0.42 s``, ``12 s``, ``4 min 05 s``, ``3 h 07 min``, ``2 d 03 h``."""
+    if seconds < 10:
+        return f"{seconds:.2g} s" if seconds < 1 else f"{seconds:.1f} s"
+    whole = int(round(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours:02d} h"
 
 
 def _layout_change_note(state: dict[str, Any], num_processes: int, config: TrainingConfig) -> str | None:
@@ -826,6 +961,7 @@ def run_training(task: TrainingTask, config: TrainingConfig, output_dir: str | o
             output_dir.mkdir(parents=True, exist_ok=True)
             if checkpoint is not None:
                 cut_metrics_log(output_dir / "logs" / "metrics.jsonl", engine.step)
+                remove_later_steps(output_dir, engine.step)
             if run_config is not None:
                 save_config(run_config, output_dir / "config.yaml")
             write_status(output_dir, "running", step=engine.step, max_steps=steps)
@@ -963,6 +1099,13 @@ class _RunLogger:
         if self.writer is not None:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
+
+    def log_images(self, step: int, images: Sequence[ValidationImage]) -> None:
+        """Validation images as TensorBoard images tagged ``validation/<name>`` (when TensorBoard logs)."""
+        if self.writer is None:
+            return
+        for image in images:
+            self.writer.add_image(f"validation/{image.name}", side_by_side(image.panels), step, dataformats="HWC")
 
     def close(self) -> None:
         if self.writer is not None:

@@ -418,6 +418,7 @@ class Swintormer(PretrainedMixin, nn.Module):
         self.apply(_init_weights)
         # Created after the init above, as in the reference, so it keeps PyTorch's default init.
         self.output = nn.Sequential(nn.Conv2d(2 * dim, 12, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2))
+        channels_last_pointwise_weights(self)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute the activations of the deeper stages in the backward pass (saves memory)."""
@@ -435,7 +436,9 @@ class Swintormer(PretrainedMixin, nn.Module):
         height, width = x.shape[-2:]
         x = pad_to_multiple(2 * x - 1, self.config.size_multiple)
         # Channels-last memory: LayerNorm's N×H×W×C view is contiguous and PyTorch runs the 1×1
-        # convolutions as oneDNN GEMMs; the logical shape stays N×C×H×W.
+        # convolutions as oneDNN GEMMs; the logical shape stays N×C×H×W. The 1×1 and depth-wise
+        # weights are channels-last too (channels_last_pointwise_weights), so that their gradients
+        # come back with the weights' own strides.
         x = x.contiguous(memory_format=torch.channels_last)
 
         embedded = self.patch_embed(x)
@@ -458,6 +461,38 @@ class Swintormer(PretrainedMixin, nn.Module):
 def load_config_file(path: str | os.PathLike) -> SwintormerConfig:
     """Read a ``config.json`` written by :meth:`Swintormer.save_pretrained`."""
     return Swintormer.load_config_file(path)
+
+
+def channels_last_pointwise_weights(module: nn.Module) -> None:
+    """Give every convolution weight of ``module`` whose channels-last layout is the same memory
+    as its default layout (1×1 kernels, depth-wise kernels: one input channel per group)
+    channels-last strides. The values and the memory order do not change; only the strides of
+    the size-one dimensions do.
+
+    Why: the network computes in channels-last memory, and with a default-layout weight the
+    strides of its gradient depend on the kernel PyTorch picks: oneDNN's (depth-wise always; 1×1
+    for many windows or several threads) returns channels-last strides, PyTorch's native 1×1
+    kernel default ones. Autograd accepts a gradient whose strides differ in size-one dimensions
+    only, but DDP lays its gradient buckets out with the weight's strides and compares all of
+    them, and warned "Grad strides do not match bucket view strides" for these weights. With a
+    channels-last weight both CPU kernels return channels-last strides, the weight's own, for
+    every batch and thread count tried (tests/test_gradient_layout.py); PyTorch chooses the
+    memory format of a convolution from its input and weight on the GPU too, so the same is
+    expected there (not measured). Larger kernels over several input channels keep the default
+    layout: autograd puts their gradients in it, and safetensors and the CPU engine expect
+    contiguous weights, which these (unlike a channels-last 3×3 weight) still are.
+    """
+    with torch.no_grad():
+        for conv in module.modules():
+            if not isinstance(conv, nn.Conv2d):
+                continue
+            weight = conv.weight
+            channels_last = torch.empty(weight.shape, memory_format=torch.channels_last, device="meta").stride()
+            same_memory = weight.is_contiguous() and all(
+                ours == theirs for ours, theirs, size in zip(weight.stride(), channels_last, weight.shape) if size != 1)
+            if same_memory and weight.stride() != channels_last:
+                weight.data = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device,
+                                          memory_format=torch.channels_last).copy_(weight)
 
 
 def _init_weights(module: nn.Module) -> None:
