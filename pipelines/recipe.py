@@ -19,6 +19,8 @@ launch`` calls it, as each pipeline expects), each in its own folder of ``--outp
                             each stage-two model's deblurred test images (pipelines.deblur), and
                             every report of pipelines.evaluate
     DIR/results.md, DIR/results.json   the table: every row scored on the test split(s)
+    DIR/recipe.yaml, DIR/status.json   the resolved recipe of the last run, and how it ended
+                            (running, finished, stopped or failed; the step and its exit code)
 
 Each step is judged before anything runs, and the plan says what each will do. A step is
 **done** (skipped) when what it made matches what the recipe would run now: a finished training
@@ -883,19 +885,42 @@ class Recipe:
                 f"it{more}")
 
     def run(self) -> int:
-        from swintormer.core.run_control import EXIT_STOPPED, signal_name, stop_signals
+        """Run the steps in order; ``DIR/status.json`` says how it ended (for job scripts, whose
+        launcher may replace the exit code)."""
+        from swintormer.core.run_control import EXIT_STOPPED, write_status
 
-        total = len(self.steps)
         if self.state.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.output / "recipe.yaml")
+            write_status(self.output, "running", steps=len(self.steps))
         self.state.wait_for_everyone()
+        try:
+            code, key = self._run_steps()
+        except RecipeError as exc:
+            self.say(f"error: {exc}", error=True)
+            code, key = EXIT_BAD_SETTINGS, "eval"
+        if self.state.is_main_process:
+            state = "finished" if code == 0 else "stopped" if code == EXIT_STOPPED else "failed"
+            write_status(self.output, state, step=key, exit_code=code)
+        if code == 0:
+            results = _read_json(self.output / "results.json")
+            if results is not None:
+                self.say()
+                self.say(format_results(results))
+                self.say(f"results: {self.output / 'results.md'}, {self.output / 'results.json'}")
+        return code
+
+    def _run_steps(self) -> tuple[int, str | None]:
+        """(exit code, the step it stopped at, or None when every step is done)."""
+        from swintormer.core.run_control import EXIT_STOPPED, signal_name, stop_signals
+
+        total = len(self.steps)
         with stop_signals() as signals:
             for index, step in enumerate(self.steps, 1):
                 if signals.requested is not None:
                     self.say(f"recipe stopped by {signal_name(signals.requested)} before step {step.key}; rerun the "
                              "same command to continue", error=True)
-                    return EXIT_STOPPED
+                    return EXIT_STOPPED, step.key
                 if step.state in ("done", "given"):
                     self.say(f"[{index}/{total}] {step.key}: {'done' if step.state == 'done' else 'given'}, skipped")
                     continue
@@ -907,18 +932,13 @@ class Recipe:
                 if code == EXIT_STOPPED:
                     self.say(f"recipe stopped in step {step.key} (exit code {code}, its state saved); rerun the same "
                              "command to continue", error=True)
-                    return code
+                    return code, step.key
                 if code:
                     self.say(f"error: step {step.key} failed (exit code {code}); the recipe stopped there. Fix the "
                              "cause and rerun the same command: the steps done are skipped", error=True)
-                    return code
+                    return code, step.key
                 self.say(f"[{index}/{total}] {step.key}: finished in {_duration(time.monotonic() - started)}")
-        results = _read_json(self.output / "results.json")
-        if results is not None:
-            self.say()
-            self.say(format_results(results))
-            self.say(f"results: {self.output / 'results.md'}, {self.output / 'results.json'}")
-        return 0
+        return 0, None
 
 
 # --------------------------------------------------------------------------- module helpers
@@ -1033,11 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_SETTINGS
     if args.plan:
         return 0
-    try:
-        return runner.run()
-    except RecipeError as exc:
-        runner.say(f"error: {exc}", error=True)
-        return EXIT_BAD_SETTINGS
+    return runner.run()
 
 
 if __name__ == "__main__":

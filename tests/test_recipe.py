@@ -92,6 +92,8 @@ def finished(tmp_path_factory) -> dict:
 
 def test_the_recipe_runs_every_step_and_leaves_what_each_makes(finished) -> None:
     output = finished["output"]
+    status = json.loads((output / "status.json").read_text())
+    assert status["state"] == "finished" and status["exit_code"] == 0
     assert plan_states(finished["out"]) == {key: "run" for key in (
         "data", *(f"stage1/{name}" for name in STAGE_ONE_RUNS), "cache", *(f"stage2/{name}" for name in STAGE_TWO_RUNS),
         "eval")}
@@ -156,8 +158,10 @@ def test_a_rerun_finds_every_step_done_and_touches_nothing(finished) -> None:
     assert len(states) == 8 and set(states.values()) == {"done"}
     assert "running" not in out and "resuming" not in out
     after = modification_times(output)
-    del before["recipe.yaml"], after["recipe.yaml"]  # the record of the last invocation
+    for record in ("recipe.yaml", "status.json"):  # the records of the last invocation
+        del before[record], after[record]
     assert after == before
+    assert json.loads((output / "status.json").read_text())["state"] == "finished"
     assert (output / "results.md").read_text().strip() in out
 
 
@@ -178,6 +182,23 @@ def test_a_step_folder_made_with_other_settings_is_refused(finished) -> None:
     assert code == 2 and err.startswith("error: step data: ") and "blur is 'defocus' there" in err
     assert set(plan_states(out).values()) == {"REFUSED"}
     assert modification_times(output) == before
+
+
+def test_a_failing_step_stops_the_recipe_with_its_code_and_names_it(tmp_path) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_recipe(), sort_keys=False))
+    output = tmp_path / "out"
+    # A model that does not exist fails when the run sets up, not when the recipe is read.
+    code, out, err = run_recipe(["--config", str(config), "--output", str(output),
+                                 "stage_one.vq.overrides.model.source=no_such_model"])
+    assert code == 2
+    assert "error: model.source 'no_such_model'" in err
+    assert err.strip().splitlines()[-1].startswith("error: step stage1/vq failed (exit code 2)")
+    assert "rerun the same command" in err
+    assert "[1/8] data: finished" in out and "stage1/unet" not in out.split("[2/8]")[-1]
+    status = json.loads((output / "status.json").read_text())
+    assert status["state"] == "failed" and status["step"] == "stage1/vq" and status["exit_code"] == 2
+    assert not (output / "stage1/unet").exists()
 
 
 def test_the_shipped_cpu_recipe_plans_the_measured_chain(tmp_path) -> None:
