@@ -15,8 +15,9 @@ checks every entry (present, readable, same settings as the manifest, same sourc
 size) and exits 1 if any is not. ``--export DIR`` makes nothing either: it writes every image's
 cached prior as a 16-bit PNG ``DIR/<image stem>.png`` (``DIR/<split>/<image stem>.png`` for a
 root with several splits), to look at, or to score against the sharp images like any
-restoration (``swintormer evaluate --restored DIR/test --target ROOT/test``). The cache format
-is described in ``ldm_prior/cache.py``.
+restoration (``swintormer evaluate --restored DIR/test --target ROOT/test``). ``--split NAME``
+limits any of the three to that split of the root (``--export DIR --split test`` writes the test
+split's priors alone). The cache format is described in ``ldm_prior/cache.py``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads per process (default: %(default)s). A CPU's results depend on the "
                         "thread count at the last bit, so a fixed count makes the cache independent of how the "
                         "images are shared out; use more processes (accelerate --num_processes) for more cores")
+    parser.add_argument("--split", action="append", metavar="NAME", help="only the images of this split of the "
+                        "dataset root (a sub-folder of --data; repeat for several), e.g. to --export the test "
+                        "split alone of a cache that holds every split")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--verify", action="store_true", help="check every entry instead of building")
     action.add_argument("--export", type=Path, metavar="DIR", help="instead of building, write each image's "
@@ -128,6 +132,16 @@ def collect_images(data: Path, layout: str) -> list[Path]:
     return sorted(images)
 
 
+def select_splits(data: Path, layout: str, images: list[Path], names: list[str]) -> list[Path]:
+    """The images of the named splits of the dataset root ``data``; an unknown name is an error."""
+    splits = {split.relative_to(data).as_posix(): split for split in dataset_splits(data, layout)}
+    unknown = [name for name in names if name not in splits]
+    if unknown:
+        raise UserError(f"--split {unknown[0]}: not a split of {data} (its splits: {', '.join(sorted(splits)) or 'none'})")
+    chosen = [splits[name] for name in names]
+    return [image for image in images if any(image.is_relative_to(split) for split in chosen)]
+
+
 def _open_cache(args: argparse.Namespace, expected: dict[str, str] | None = None) -> PriorCache:
     """The cache at ``--out`` for reading; a missing or mismatched one is a one-line error."""
     from ldm_prior.cache import PriorCache, PriorCacheError
@@ -138,8 +152,9 @@ def _open_cache(args: argparse.Namespace, expected: dict[str, str] | None = None
         raise UserError(str(exc)) from None
 
 
-def _sampling_settings(args: argparse.Namespace):
-    """The sampler settings the flags ask for; a bad value is a one-line error."""
+def sampling_settings(args: argparse.Namespace):
+    """The sampler settings the flags ask for (``args`` as :func:`build_parser` parses them); a
+    bad value is a one-line error."""
     from ldm_prior.sampling import SamplingSettings
 
     try:
@@ -157,7 +172,7 @@ def _verify(args: argparse.Namespace, images: list[Path]) -> int:
 
     # Compared with the flags: the sampler's steps, eta, mode and spacing and the run seed. The
     # tile settings are not compared with the flags (every entry must still match the manifest's).
-    sampling = _sampling_settings(args).as_metadata()
+    sampling = sampling_settings(args).as_metadata()
     expected = {key: sampling[key] for key in ("steps", "eta", "mode", "timestep_spacing")}
     expected["seed"] = str(args.seed)
     if args.prior:
@@ -226,7 +241,7 @@ def _build(args: argparse.Namespace, images: list[Path]) -> int:
 
     if args.prior is None:
         raise UserError("--prior is required to build a cache")
-    sampling = _sampling_settings(args)
+    sampling = sampling_settings(args)
     with stop_signals() as signals:  # caught from here: a signal while loading stops before the first entry
         state = process_state()
         threads_before = torch.get_num_threads()
@@ -307,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         images = collect_images(args.data, args.layout)
+        if args.split:
+            if args.layout == "images":
+                raise UserError("--split needs a dataset root of split folders, not --layout images")
+            images = select_splits(args.data, args.layout, images, args.split)
         if args.verify:
             return _verify(args, images)
         return _export(args, images) if args.export else _build(args, images)

@@ -1,7 +1,7 @@
 """The ``swintormer`` console script: one command with a subcommand per pipeline.
 
 ``swintormer deblur ...`` runs ``pipelines.deblur``, ``swintormer app`` ``pipelines.app``, ``swintormer train ...`` runs
-``pipelines.train_swintormer`` and so on. Each pipeline module exposes ``main(argv) -> int``;
+``pipelines.train_swintormer``, ``swintormer recipe ...`` the whole two-stage chain (``pipelines.recipe``), and so on. Each pipeline module exposes ``main(argv) -> int``;
 modules are imported only when their subcommand is used so that ``--help`` stays fast.
 """
 
@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipelines.train_swintormer", "train the Swintormer network (stage two)"),
     "train-prior": ("pipelines.train_prior", "fine-tune the latent-diffusion prior (stage one)"),
     "cache-priors": ("pipelines.cache_priors", "sample and cache the prior of every image of a dataset"),
+    "recipe": ("pipelines.recipe", "the whole chain: data, stage one, prior cache, stage two, evaluation"),
 }
 
 

@@ -205,3 +205,22 @@ def test_bad_command_lines_exit_with_one_error_line(setup, capsys, tmp_path) -> 
     assert err.startswith("error:") and "none" in err and err.count("\n") == 1
     assert cache_priors(["--prior", str(tmp_path / "no_prior"), "--data", str(setup["data"]), "--out", str(tmp_path / "c")]) == 2
     assert "prior not found" in capsys.readouterr().err
+
+
+def test_split_limits_a_build_an_export_and_a_check_to_one_split_of_the_root(setup, capsys, tmp_path) -> None:
+    root = tmp_path / "root"
+    for split in ("train", "test"):
+        shutil.copytree(setup["data"], root / split)
+    cache = tmp_path / "cache"
+    base = ["--prior", str(setup["prior"]), "--data", str(root), "--out", str(cache), *ARGS]
+    assert cache_priors([*base, "--split", "test"]) == 0
+    assert sorted(_entries(cache)) == [f"entries/test/input/p{index}.png.safetensors" for index in range(len(SIZES))]
+    assert cache_priors([*base, "--verify", "--split", "test"]) == 0
+    assert cache_priors([*base, "--verify"]) == 1  # the train split has no entries
+    assert cache_priors([*base, "--export", str(tmp_path / "png"), "--split", "test"]) == 0
+    assert sorted(p.relative_to(tmp_path / "png").as_posix() for p in (tmp_path / "png").rglob("*.png")) == [
+        f"test/p{index}.png" for index in range(len(SIZES))]
+    capsys.readouterr()
+    assert cache_priors([*base, "--export", str(tmp_path / "png"), "--split", "val"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --split val: not a split of") and "test, train" in err and err.count("\n") == 1
