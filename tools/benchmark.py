@@ -947,8 +947,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-speed", action="store_true", help="leave out the speed table and the other records")
     parser.add_argument("--only", choices=("default-model",),
                         help="run only the default model's steps (evaluation by kind on --photo-corpus, deblur "
-                        "speed) and update those sections of the existing --json/--markdown report; the other "
-                        "sections are kept as measured, and the report says which command made which")
+                        "speed; not with --skip-speed) and update those sections of the existing --json/--markdown "
+                        "report; the other sections are kept as measured, and the report says which command made "
+                        "which. Steps already recorded in --work are reused, so the speed rows can be run later, "
+                        "on a quiet machine")
     parser.add_argument("--fresh", action="store_true", help="delete the work folder first")
     parser.add_argument("--quiet", action="store_true", help="no step-by-step progress lines")
     parser.add_argument("--measure-inference", type=Path, help=argparse.SUPPRESS)  # internal: one cost measurement
@@ -1054,7 +1056,8 @@ def update_default_model_sections(bench: Bench, profile: Profile, args: argparse
     started = _now()
     try:
         results["default_by_kind"] = default_model_by_kind(bench, profile, corpus, args.previous_default)
-        results["default_speed"] = default_model_speed(bench, profile, args.previous_default)
+        if not args.skip_speed:  # with --skip-speed the report keeps the speed rows it has
+            results["default_speed"] = default_model_speed(bench, profile, args.previous_default)
     except BenchmarkError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
