@@ -12,9 +12,11 @@ from swintormer.core.image_io import read_image
 from swintormer.core.metrics import psnr
 from tools import demo
 
-# The shipped model gains 3.10 dB on this sample (TRAINING.md); a model that merely copied
-# its input, blurred further or shifted colours would fail this margin.
-MIN_GAIN_DB = 1.0
+# The shipped model gains 0.45 dB on this sample (swintormer/weights/default/TRAINING.md): it is
+# trained to leave sharp detail alone across defocus, motion and sharp photos, and sharpens
+# mildly. A model that merely copied its input (0 dB), blurred further or shifted colours
+# would fail this margin.
+MIN_GAIN_DB = 0.3
 
 
 def test_shipped_model_files_are_complete_and_small() -> None:
