@@ -330,6 +330,7 @@ def make_prior_source(args: argparse.Namespace, device: torch.device,
     if args.prior_model is not None:
         from ldm_prior.model import PriorModel
         from ldm_prior.prior_source import SampledPriors
+        from ldm_prior.sampling import SamplingSettings
         from swintormer.core.priors import PriorContract
 
         try:
@@ -338,10 +339,9 @@ def make_prior_source(args: argparse.Namespace, device: torch.device,
             raise RunError(f"cannot load the prior model {args.prior_model}: {error}") from None
         asked = {"steps": args.prior_steps, "timestep_spacing": args.prior_timestep_spacing, "seed": args.prior_seed}
         asked = {key: value for key, value in asked.items() if value is not None}
-        if contract is None:  # a model with no record: the cache job's defaults
-            base = {"steps": 50, "eta": 0.0, "mode": "full", "timestep_spacing": "leading", "tile": 128,
-                    "tile_stride": 64, "decode_tile": 64, "decode_stride": 48, "seed": 0}
-            wanted = PriorContract(prior_fingerprint=model.fingerprint(), **{**base, **asked})
+        if contract is None:  # a model with no record: the sampler's and the cache job's defaults
+            defaults = {**SamplingSettings().as_metadata(), "seed": "0", "prior_fingerprint": model.fingerprint()}
+            wanted = PriorContract.from_metadata(defaults).model_copy(update=asked)
         else:
             wanted = contract.model_copy(update=asked)
             found = wanted.model_copy(update={"prior_fingerprint": model.fingerprint()})

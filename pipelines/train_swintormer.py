@@ -60,8 +60,9 @@ class PriorSection(StrictModel):
     ``--data`` root (one cache holds every split); ``source: folder`` reads prior files that
     mirror the dataset root (priors made by another tool). ``expected`` holds cache settings the
     run insists on (``data.prior.expected.steps=5``); the run fills the unset ones from the
-    cache's manifest and records them in ``config.yaml``, so a resumed run refuses a cache made
-    otherwise, and the saved model records them as its prior contract (``model/pipeline.json``).
+    cache's manifest, records them in ``config.yaml``, checks every entry against them before
+    the first step, and the saved model records them as its prior contract
+    (``model/pipeline.json``).
     """
 
     source: Literal["none", "folder", "cache"] = "none"
@@ -151,7 +152,7 @@ def check_priors(source, pairs: list, what: str) -> None:
     from ldm_prior.cache import PriorCache
     from swintormer.core.priors import PriorFolder
 
-    for pair in pairs:
+    for index, pair in enumerate(pairs):
         if isinstance(source, PriorCache):
             problem = source.entry_problem(pair.blurry)
         elif isinstance(source, PriorFolder):
@@ -160,8 +161,8 @@ def check_priors(source, pairs: list, what: str) -> None:
         else:
             problem = None
         if problem:
-            raise ConfigError(f"{what}: {problem} ({len(pairs)} images checked up to here; "
-                              f"build the cache with cache_priors --data on the dataset root)")
+            raise ConfigError(f"{what}: {problem} (image {index + 1} of {len(pairs)}; build the cache with "
+                              "cache_priors --data on the dataset root that --data names)")
 
 
 def prior_contract(config: SwintormerTrainConfig) -> PriorContract | None:
