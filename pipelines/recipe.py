@@ -473,11 +473,8 @@ class Recipe:
             needs = ["data"] + ([f"stage1/{run.start_from}"] if run.start_from else [])
             start = f", from stage1/{run.start_from}" if run.start_from else ""
             summary = f"train_prior {run.config.name}: {config.objective}, {config.train.max_steps} steps{start}"
-            folder = self.output / "stage1" / name
-            self.steps.append(Step(
-                key, [folder], needs, summary, [_command("pipelines.train_prior", [*argv, "--resume", "auto"])],
-                lambda folder=folder, config=config: self._judge_training(folder, _as_recorded(config)),
-                lambda state, argv=argv: self._train(train_prior.main, argv, state)))
+            self._add_training_step(key, train_prior, argv, needs, summary,
+                                    lambda config=config: _as_recorded(config))
 
     # ------------------------------------------------------------------ cache
 
@@ -585,12 +582,8 @@ class Recipe:
             needs = ["data"] + (["cache"] if run.prior else [])
             channels = "6 channels: blurry ⊕ cached prior" if run.prior else "3 channels: no prior"
             summary = f"train_swintormer {run.config.name}: {channels}, {config.train.max_steps} steps"
-            folder = self.output / "stage2" / name
-            self.steps.append(Step(
-                key, [folder], needs, summary, [_command("pipelines.train_swintormer", [*argv, "--resume", "auto"])],
-                lambda folder=folder, config=config, key=key: self._judge_training(
-                    folder, self._stage_two_wanted(key, config)),
-                lambda state, argv=argv: self._train(train_swintormer.main, argv, state)))
+            self._add_training_step(key, train_swintormer, argv, needs, summary,
+                                    lambda key=key, config=config: self._stage_two_wanted(key, config))
 
     def _stage_two_wanted(self, key: str, config: Any) -> Any:
         """The config a stage-two run records: with a cache, the run fills the prior settings it
@@ -615,6 +608,16 @@ class Recipe:
         except ConfigError as exc:
             raise RecipeError(f"step {key}: {exc}") from None
         return config
+
+    def _add_training_step(self, key: str, pipeline: Any, argv: list[str], needs: list[str], summary: str,
+                           wanted: Callable[[], Any]) -> None:
+        """A step that runs ``pipeline.main`` in ``DIR/<key>``; ``wanted`` gives the config the
+        run must have recorded for the step to count as done."""
+        folder = self.output / key
+        self.steps.append(Step(
+            key, [folder], needs, summary, [_command(pipeline.__name__, [*argv, "--resume", "auto"])],
+            lambda: self._judge_training(folder, wanted()),
+            lambda state: self._train(pipeline.main, argv, state)))
 
     def _judge_training(self, folder: Path, wanted: Any) -> tuple[str, str]:
         record = folder / "config.yaml"
