@@ -303,12 +303,6 @@ def _as_recorded(config: StrictModel) -> Any:
     return yaml.safe_load(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, default_flow_style=None))
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
 def _is_empty(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
 
@@ -916,6 +910,7 @@ class Recipe:
     def _run_steps(self) -> tuple[int, str | None]:
         """(exit code, the step it stopped at, or None when every step is done)."""
         from swintormer.core.run_control import EXIT_STOPPED, signal_name, stop_signals
+        from swintormer.core.training import format_duration
 
         total = len(self.steps)
         with stop_signals() as signals:
@@ -940,7 +935,7 @@ class Recipe:
                     self.say(f"error: step {step.key} failed (exit code {code}); the recipe stopped there. Fix the "
                              "cause and rerun the same command: the steps done are skipped", error=True)
                     return code, step.key
-                self.say(f"[{index}/{total}] {step.key}: finished in {_duration(time.monotonic() - started)}")
+                self.say(f"[{index}/{total}] {step.key}: finished in {format_duration(time.monotonic() - started)}")
         return 0, None
 
 

@@ -833,15 +833,14 @@ class _Engine:
         remaining = self.max_steps - self.step
         parts = [f"{format_duration(step_seconds)} a step"]
         if checkpoints:
-            parts.append(f"{checkpoints} checkpoint{'s' if checkpoints != 1 else ''} of "
-                         f"~{format_duration(self._checkpoint_estimate())}")
+            parts.append(f"{_plural(checkpoints, 'checkpoint')} of ~{format_duration(self._checkpoint_estimate())}")
         if validations:
             each = (f"~{format_duration(self._validation_seconds)} each" if self._validation_measured
                     else "not timed yet, left out")
-            parts.append(f"{validations} validation{'s' if validations != 1 else ''}, {each}")
+            parts.append(f"{_plural(validations, 'validation')}, {each}")
         finish = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(time.time() + seconds))
         return (f"step {self.step} of {self.max_steps}: about {format_duration(seconds)} left for the remaining "
-                f"{remaining} step{'s' if remaining != 1 else ''} ({'; '.join(parts)}), done around {finish}")
+                f"{_plural(remaining, 'step')} ({'; '.join(parts)}), done around {finish}")
 
 
 _clock = time.perf_counter  # the timer of steps, checkpoints and validation (tests replace it)
