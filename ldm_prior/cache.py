@@ -172,9 +172,10 @@ def read_entry_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         raise PriorCacheError(f"{path}: unreadable cache entry ({exc})") from None
 
 
-def entry_problem(path: Path, expected: dict[str, str], source_sha256: str | None) -> str | None:
-    """Why the entry at ``path`` is not a valid prior for these settings and this source, or
-    None when it is."""
+def entry_problem(path: Path, expected: dict[str, str], source_sha256: str | None,
+                  size: tuple[int, int] | None = None) -> str | None:
+    """Why the entry at ``path`` is not a valid prior for these settings and this source (and,
+    given, an image of this (height, width)), or None when it is. Reads the metadata only."""
     if not path.is_file():
         return f"{path}: missing"
     try:
@@ -186,6 +187,10 @@ def entry_problem(path: Path, expected: dict[str, str], source_sha256: str | Non
         return f"{path}: made with other settings ({difference})"
     if source_sha256 is not None and metadata.get("source_sha256") != source_sha256:
         return f"{path}: the source image changed since the entry was made (hash differs)"
+    if size is not None:
+        found = (int(metadata.get("height", -1)), int(metadata.get("width", -1)))
+        if found != size:
+            return f"{path}: prior is {found[0]}x{found[1]}, the image {size[0]}x{size[1]}"
     return None
 
 
@@ -332,14 +337,8 @@ class PriorCache:
             path = self.entry_for(image)
         except PriorCacheError as exc:
             return str(exc)
-        problem = entry_problem(path, self.settings, self._source_hash(image) if self.check_source else None)
-        if problem is not None:
-            return problem
-        metadata = read_entry_metadata(path)
-        size = (int(metadata.get("height", -1)), int(metadata.get("width", -1)))
-        if size != image_size(image):
-            return f"{path}: prior is {size[0]}x{size[1]}, the image {image_size(image)[0]}x{image_size(image)[1]}"
-        return None
+        return entry_problem(path, self.settings, self._source_hash(image) if self.check_source else None,
+                             size=image_size(image))
 
     def problems(self, images: Iterable[Path]) -> list[str]:
         """One line per image whose entry is missing, unreadable, stale or made otherwise."""
