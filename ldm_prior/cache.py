@@ -340,12 +340,17 @@ class PriorCache:
         return entry_problem(path, self.settings, self._source_hash(image) if self.check_source else None,
                              size=image_size(image))
 
-    def problems(self, images: Iterable[Path]) -> list[str]:
-        """One line per image whose entry is missing, unreadable, stale or made otherwise."""
+    def problems(self, images: Iterable[Path], check_size: bool = False) -> list[str]:
+        """One line per image whose entry is missing, unreadable, stale, made otherwise, holds
+        non-finite values or (``check_size``: reads each image's header) is of another size than
+        its image. Reads every entry whole: the thorough check of ``cache_priors --verify``."""
+        from swintormer.core.data.paired import image_size
+
         found = []
         for image in images:
             path = self.entry_for(image)
-            problem = entry_problem(path, self.settings, self._source_hash(Path(image)) if self.check_source else None)
+            problem = entry_problem(path, self.settings, self._source_hash(Path(image)) if self.check_source else None,
+                                    size=image_size(Path(image)) if check_size else None)
             if problem is None:
                 try:
                     prior, metadata = read_entry(path)

@@ -168,8 +168,6 @@ def sampling_settings(args: argparse.Namespace):
 
 
 def _verify(args: argparse.Namespace, images: list[Path]) -> int:
-    from swintormer.core.data.paired import image_size
-
     # Compared with the flags: the sampler's steps, eta, mode and spacing and the run seed. The
     # tile settings are not compared with the flags (every entry must still match the manifest's).
     sampling = sampling_settings(args).as_metadata()
@@ -180,14 +178,7 @@ def _verify(args: argparse.Namespace, images: list[Path]) -> int:
 
         expected["prior_fingerprint"] = load_prior(args.prior).fingerprint()
     cache = _open_cache(args, expected)
-    problems = cache.problems(images)
-    for image in images:
-        entry = cache.entry_for(image)
-        if entry.is_file() and not any(str(entry) in problem for problem in problems):
-            prior = cache.prior_for(image)
-            if prior.shape[:2] != image_size(image):
-                problems.append(f"{entry}: prior is {prior.shape[0]}x{prior.shape[1]}, image is "
-                                f"{image_size(image)[0]}x{image_size(image)[1]}")
+    problems = cache.problems(images, check_size=True)
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
     print(f"verified {len(images)} entries in {args.out}: {len(images) - len(problems)} valid, {len(problems)} with problems")
@@ -254,14 +245,9 @@ def _build(args: argparse.Namespace, images: list[Path]) -> int:
 
 
 def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling, signals) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    from ldm_prior.cache import CacheSettings, PriorCacheError, PriorCacheWriter, file_sha256, prepare_cache, seed_name
+    from ldm_prior.cache import CacheSettings, PriorCacheError, prepare_cache
     from ldm_prior.model import load_prior
-    from ldm_prior.sampling import PriorSampler, image_seed
-    from swintormer.core.image_io import ImageReadError, read_image
-    from swintormer.core.run_control import EXIT_STOPPED
+    from swintormer.core.run_control import RunFolderError, RunFolderLock
 
     try:
         model = load_prior(args.prior)
@@ -269,15 +255,37 @@ def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling, 
         raise UserError(f"cannot load prior {args.prior}: {exc}") from None
     model = model.to(state.device)
     settings = CacheSettings(prior_fingerprint=model.fingerprint(), sampling=sampling.as_metadata(), seed=args.seed)
+    # Two jobs building one cache would sample the same entries twice; the second is refused.
+    lock = RunFolderLock(args.out, what="prior cache")
     failure = None
     if state.is_main_process:
         try:
+            lock.acquire()
             prepare_cache(args.out, settings, args.data)
-        except PriorCacheError as exc:
+        except (PriorCacheError, RunFolderError) as exc:
             failure = str(exc)
-    state.wait_for_everyone()
+    if state.num_processes > 1:  # every process learns the main process's answer
+        from accelerate.utils import broadcast_object_list
+
+        failure = broadcast_object_list([failure])[0]
     if failure:
+        lock.release()
         raise UserError(failure)
+    try:
+        return _sample_shard(args, images, state, model, sampling, settings, signals)
+    finally:
+        lock.release()
+
+
+def _sample_shard(args: argparse.Namespace, images: list[Path], state, model, sampling, settings, signals) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from ldm_prior.cache import PriorCacheWriter, file_sha256, seed_name
+    from ldm_prior.sampling import PriorSampler, image_seed
+    from swintormer.core.image_io import ImageReadError, read_image
+    from swintormer.core.run_control import EXIT_STOPPED
+
     # Every process checks, so none writes into a cache the main process refused.
     _open_cache(args, settings.as_metadata())
 

@@ -243,6 +243,14 @@ class RecipeError(Exception):
     """A bad recipe, setting or step folder: one ``error:`` line, exit code 2."""
 
 
+class _DataStepFailed(Exception):
+    """The data step's generator failed; ``code`` is its exit code (the staged data is dropped)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 def flatten_overrides(tree: dict[str, Any], where: str, prefix: str = "") -> list[str]:
     """``{train: {max_steps: 3000}}`` as ``["train.max_steps=3000"]``, the pipelines' override
     form (the value written so that their YAML parsing gives it back unchanged)."""
@@ -415,33 +423,36 @@ class Recipe:
         return "done", ""
 
     def _make_data(self, state: str) -> int:
+        from swintormer.core.files import atomic_folder, remove_stale_temporaries
+
         def make() -> int:
             if state == "changed":
                 _remove(self.root)
-            # Generated beside the root and moved into place whole, so that DIR/data is either
-            # absent or complete, and the generator only ever writes into a new folder.
-            partial = self.output / ".data.partial"
-            if partial.exists():
-                self.say(f"removing {partial}, left by an interrupted data step")
-                _remove(partial)
+            # DIR/data appears whole or not at all (atomic_folder), so the generator only ever
+            # writes into a new folder; what a killed data step left beside it goes first.
+            for stale in remove_stale_temporaries(self.output, self.root.name):
+                self.say(f"removed {stale}, left by an interrupted data step")
             generator = _load_generator()
-            staged = partial / "root"
-            staged.mkdir(parents=True)
-            for index, item in enumerate(self.config.data.synthetic):
-                made = partial / f"set{index}"
-                code = generator.main(["--out", str(made), *item.generator_arguments()])
-                if code:
-                    return code
-                for split, name in item.splits.items():
-                    if not (made / split).is_dir():
-                        print(f"error: synthetic set {index}: the generator made no {split!r} split", file=sys.stderr)
-                        return 1
-                    (made / split).rename(staged / name)
-                    if (made / "manifest.json").is_file():
-                        shutil.copyfile(made / "manifest.json", staged / name / "generator_manifest.json")
-            atomic_write_text(staged / DATA_RECORD, json.dumps(self._data_record(), indent=1) + "\n")
-            staged.rename(self.root)
-            _remove(partial)
+            try:
+                with atomic_folder(self.root) as staged:
+                    sets = staged / ".sets"  # each set's own folder; its splits move up into the root
+                    for index, item in enumerate(self.config.data.synthetic):
+                        made = sets / f"set{index}"
+                        code = generator.main(["--out", str(made), *item.generator_arguments()])
+                        if code:
+                            raise _DataStepFailed(code)
+                        for split, name in item.splits.items():
+                            if not (made / split).is_dir():
+                                print(f"error: synthetic set {index}: the generator made no {split!r} split",
+                                      file=sys.stderr)
+                                raise _DataStepFailed(1)
+                            (made / split).rename(staged / name)
+                            if (made / "manifest.json").is_file():
+                                shutil.copyfile(made / "manifest.json", staged / name / "generator_manifest.json")
+                    _remove(sets)
+                    (staged / DATA_RECORD).write_text(json.dumps(self._data_record(), indent=1) + "\n")
+            except _DataStepFailed as failed:
+                return failed.code
             return 0
 
         return self._on_main(make)
@@ -884,10 +895,28 @@ class Recipe:
     def run(self) -> int:
         """Run the steps in order; ``DIR/status.json`` says how it ended (for job scripts, whose
         launcher may replace the exit code)."""
+        from swintormer.core.run_control import RunFolderError, RunFolderLock
+
+        # A second recipe on this folder would start the same steps beside the first one.
+        lock = RunFolderLock(self.output, what="recipe folder")
+        refused = 0
+        if self.state.is_main_process:
+            try:
+                lock.acquire()
+            except RunFolderError as exc:
+                self.say(f"error: {exc}", error=True)
+                refused = EXIT_BAD_SETTINGS
+        if self._agree(refused):
+            return EXIT_BAD_SETTINGS
+        try:
+            return self._run_locked()
+        finally:
+            lock.release()
+
+    def _run_locked(self) -> int:
         from swintormer.core.run_control import EXIT_STOPPED, write_status
 
         if self.state.is_main_process:
-            self.output.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.output / "recipe.yaml")
             write_status(self.output, "running", steps=len(self.steps))
         self.state.wait_for_everyone()

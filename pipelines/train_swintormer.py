@@ -48,9 +48,19 @@ from swintormer.losses import LossConfig, MissingWeightsError, build_loss
 
 
 class ModelSection(StrictModel):
+    """The network: a preset with field overrides, and optionally the weights to start from.
+
+    ``init_from`` names a model folder written by ``save_pretrained`` (another run's ``model/``,
+    the shipped default) whose weights a new run starts from, to fine-tune or to train a model
+    further under a new schedule (one cosine after another is the warm-restart schedule of
+    Loshchilov & Hutter, SGDR, 2017). Its architecture must be the one this section builds.
+    A resumed run takes its weights from the checkpoint instead.
+    """
+
     preset: str = "paper"
     in_channels: Literal[3, 6] = 6  # 6 = blurry ⊕ prior, 3 = the no-prior ablation
     overrides: dict[str, Any] = Field(default_factory=dict)  # any SwintormerConfig field
+    init_from: Path | None = None
 
 
 class PriorSection(StrictModel):
@@ -214,7 +224,20 @@ def build_model(config: SwintormerTrainConfig):
         net_config = SwintormerConfig.preset(config.model.preset, **overrides)
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"model: {exc}".replace("\n", " ")) from None
-    return Swintormer(net_config)
+    if config.model.init_from is None:
+        return Swintormer(net_config)
+    source = Path(config.model.init_from)
+    try:
+        start = Swintormer.from_pretrained(source)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"model.init_from: {exc}") from None
+    built, saved = net_config.to_dict(), start.config.to_dict()
+    differing = [f"{key} {built.get(key)!r} here, {saved.get(key)!r} there"
+                 for key in sorted(set(built) | set(saved)) if built.get(key) != saved.get(key)]
+    if differing:
+        raise ConfigError(f"model.init_from: {source} holds a different network than model.preset/overrides "
+                          f"build: {'; '.join(differing)}")
+    return start.train()
 
 
 def inference_settings(config: SwintormerTrainConfig):

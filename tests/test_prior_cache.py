@@ -129,6 +129,29 @@ def test_rerun_skips_valid_entries_and_remakes_damaged_ones(setup, capsys) -> No
     assert entries[2].stat().st_mtime_ns == untouched
     assert _entries(out) == reference
     assert _run(setup, out, "--verify") == 0
+    # an entry of another size than its image, its metadata otherwise right: --verify names both sizes
+    prior, metadata = read_entry(entries[2])
+    entries[2].write_bytes(encode_entry(prior[:-1], {**metadata, "height": str(prior.shape[0] - 1)}))
+    capsys.readouterr()
+    assert _run(setup, out, "--verify") == 1
+    height, width = prior.shape[:2]
+    assert f"prior is {height - 1}x{width}, the image {height}x{width}" in capsys.readouterr().err
+
+
+def test_a_cache_another_job_is_building_is_refused(setup, capsys) -> None:
+    from swintormer.core.run_control import RunFolderLock
+
+    out = setup["root"] / "busy"
+    assert _run(setup, out) == 0
+    entries = sorted((out / "entries").rglob("*.safetensors"))
+    entries[0].unlink()  # work the second job would do
+    capsys.readouterr()
+    with RunFolderLock(out):  # as a first job holds it while it samples
+        assert _run(setup, out) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"prior cache {out} is in use by pid " in err
+        assert not entries[0].exists()
+    assert _run(setup, out) == 0 and entries[0].exists()
 
 
 def test_reader_refuses_other_settings_and_changed_sources(setup, capsys, tmp_path) -> None:

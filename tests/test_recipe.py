@@ -99,7 +99,7 @@ def test_the_recipe_runs_every_step_and_leaves_what_each_makes(finished) -> None
         "eval")}
     record = json.loads((output / "data/recipe_data.json").read_text())
     assert record["sets"][0]["per_image"] == 1 and record["sets"][0]["blur"] == "defocus"
-    assert not (output / ".data.partial").exists()
+    assert not [path for path in output.iterdir() if path.name.startswith(".data.")]  # no staging left
     for name in STAGE_ONE_RUNS:
         run = output / "stage1" / name
         assert json.loads((run / "status.json").read_text())["state"] == "finished"
@@ -158,7 +158,7 @@ def test_a_rerun_finds_every_step_done_and_touches_nothing(finished) -> None:
     assert len(states) == 8 and set(states.values()) == {"done"}
     assert "running" not in out and "resuming" not in out
     after = modification_times(output)
-    for record in ("recipe.yaml", "status.json"):  # the records of the last invocation
+    for record in ("recipe.yaml", "status.json", ".lock"):  # the records of the last invocation (and its pid)
         del before[record], after[record]
     assert after == before
     assert json.loads((output / "status.json").read_text())["state"] == "finished"
@@ -199,6 +199,22 @@ def test_a_failing_step_stops_the_recipe_with_its_code_and_names_it(tmp_path) ->
     status = json.loads((output / "status.json").read_text())
     assert status["state"] == "failed" and status["step"] == "stage1/vq" and status["exit_code"] == 2
     assert not (output / "stage1/unet").exists()
+
+
+def test_a_recipe_folder_another_recipe_is_running_in_is_refused(tmp_path) -> None:
+    from swintormer.core.run_control import RunFolderLock
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_recipe(), sort_keys=False))
+    output = tmp_path / "out"
+    with RunFolderLock(output):  # as the first recipe holds it while it runs
+        code, out, err = run_recipe(["--config", str(config), "--output", str(output)])
+        assert code == 2 and err.count("\n") == 1
+        assert err.startswith(f"error: recipe folder {output} is in use by pid ")
+        assert sorted(path.name for path in output.iterdir()) == [".lock"]  # no step started
+        # --plan only reads: it still answers while the recipe runs
+        code, out, err = run_recipe(["--config", str(config), "--output", str(output), "--plan"])
+        assert code == 0 and plan_states(out)["data"] == "run"
 
 
 def test_the_shipped_cpu_recipe_plans_the_measured_chain(tmp_path) -> None:

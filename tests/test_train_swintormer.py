@@ -112,6 +112,31 @@ def test_prior_from_files_trains_six_channel_model(synthetic, tmp_path):
     assert any(t.ndim == 4 and t.shape[1] == 24 for t in weights.values())  # 6 channels pixel-unshuffled
 
 
+def test_init_from_starts_a_new_schedule_from_a_saved_model(synthetic, tmp_path, capsys):
+    common = ["--config", TINY, "--data", str(synthetic), *QUIET, "train.batch_size=2", "validation.max_images=1",
+              "train.ema.enabled=false"]  # the exported model is then the trained weights, not their average
+    assert main([*common, "--output", str(tmp_path / "first"), "--max-steps", "2"]) == 0
+    first = tmp_path / "first/model"
+    from swintormer.models import Swintormer
+
+    saved = Swintormer.from_pretrained(first).state_dict()
+    # one step at a vanishing rate: with init_from the model is the saved one, without it a fresh init
+    still = [*common, "--max-steps", "1", "train.optimizer.lr=1e-30", "train.optimizer.weight_decay=0"]
+    assert main([*still, "--output", str(tmp_path / "same"), f"model.init_from={first}"]) == 0
+    assert main([*still, "--output", str(tmp_path / "fresh")]) == 0
+    again = Swintormer.from_pretrained(tmp_path / "same/model").state_dict()
+    fresh = Swintormer.from_pretrained(tmp_path / "fresh/model").state_dict()
+    assert all(torch.allclose(again[k], saved[k], atol=1e-6) for k in saved)
+    assert any(not torch.allclose(fresh[k], saved[k], atol=1e-3) for k in saved)
+    # a folder of another architecture, or no model at all: a one-line error naming it, nothing trained
+    assert main([*common, "--output", str(tmp_path / "other"), f"model.init_from={first}", "model.overrides.dim=12"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.init_from:") and "dim" in err and err.count("\n") == 1
+    assert main([*common, "--output", str(tmp_path / "other"), f"model.init_from={tmp_path / 'absent'}"]) == 2
+    assert "absent" in capsys.readouterr().err
+    assert not (tmp_path / "other/checkpoints").exists()
+
+
 def test_user_errors_exit_2_before_training(synthetic, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["--config", TINY, "--data", str(synthetic), "--output", str(run), "train.optimizer.lrr=1"]) == 2

@@ -119,6 +119,31 @@ def test_run_folder_rules_on_the_command_line(synthetic, tmp_path, capsys):
     assert "75" in text and "status.json" in text and "--stop-after-steps" in text
 
 
+def test_a_folder_another_run_is_writing_is_refused_until_that_run_ends(synthetic, tmp_path, capsys):
+    """A job started twice on one folder: the second stops naming the first; a SIGKILLed holder
+    leaves no stale lock."""
+    run = tmp_path / "run"
+    common = ["--config", TINY, "--data", str(synthetic), "--output", str(run), *QUIET, "--max-steps", "2"]
+    assert train_swintormer([*common, "--stop-after-steps", "1"]) == 0
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from swintormer.core.run_control import RunFolderLock\n"
+                               "lock = RunFolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
+                               str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert train_swintormer([*common, "--resume", "auto"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"run folder {run} is in use by pid {holder.pid}" in err
+        assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train_swintormer([*common, "--resume", "auto"]) == 0
+    assert logged_steps(run) == [1, 2] and status(run)["state"] == "finished"
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():

@@ -14,6 +14,7 @@ This module holds what the training engine and the prior-cache job need for that
 - :func:`parse_duration` for ``--time-limit`` (``3h50m``, ``90m``, ``45s``, ``5400``) and
   :func:`seconds_since_process_start`, the clock a time limit is counted on.
 - :func:`prepare_run_folder`: the rules that keep two runs out of one folder (see its docstring),
+  and :class:`RunFolderLock`, which keeps a second process out of a folder a run is writing,
   :func:`cut_metrics_log` and :func:`write_status` (``RUN_DIR/status.json``, which tells a job
   script whether the run finished, stopped early or failed, also when a launcher replaces the
   process's exit code by its own).
@@ -26,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -47,6 +49,7 @@ __all__ = [
     "parse_duration",
     "seconds_since_process_start",
     "RunFolderError",
+    "RunFolderLock",
     "check_max_steps",
     "prepare_run_folder",
     "cut_metrics_log",
@@ -67,6 +70,8 @@ STATUS_FILE = "status.json"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
+#: The lock file of a folder a job is writing (:class:`RunFolderLock`); no output of the run.
+LOCK_FILE = ".lock"
 
 
 # --------------------------------------------------------------------------- signals
@@ -204,6 +209,60 @@ class RunFolderError(ConfigError):
     """A run folder that cannot be used as asked; the message says why and what to pass."""
 
 
+class RunFolderLock:
+    """An exclusive lock on a job's folder, held from before the folder is checked until the job ends.
+
+    Two jobs started on one folder (a job script run twice, a requeued job whose previous
+    instance still runs) would otherwise both pass the run-folder rules and write into each
+    other's checkpoints. The lock is ``flock`` on ``FOLDER/.lock``: the kernel drops it when
+    the process ends however it ends (SIGKILL included), so a killed job never leaves a stale
+    lock, and the file itself, which records the holder's pid and host, stays harmlessly. On a
+    system without ``fcntl`` (Windows) nothing is locked. Use as a context manager or with
+    :meth:`acquire` / :meth:`release`.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], what: str = "run folder") -> None:
+        self.folder = Path(folder)
+        self.what = what
+        self._handle: Any = None
+
+    def acquire(self) -> "RunFolderLock":
+        """Take the lock, creating the folder; raise :class:`RunFolderError` naming the holder when taken."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        if self.folder.exists() and not self.folder.is_dir():
+            raise RunFolderError(f"{self.folder} is a file, not a folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle = open(self.folder / LOCK_FILE, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunFolderError(f"{self.what} {self.folder} is in use by {holder}: wait for that job to end "
+                                 "(or stop it), or choose another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the file releases the flock
+            self._handle = None
+
+    def __enter__(self) -> "RunFolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+
 def _complete_checkpoints(output_dir: Path) -> list[Path]:
     folder = output_dir / CHECKPOINT_DIR
     return sorted(p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
@@ -264,7 +323,7 @@ def prepare_run_folder(output_dir: str | os.PathLike[str], resume: str | None, o
     :class:`RunFolderError` (a ``ConfigError``) with a one-line message.
     """
     output_dir = Path(output_dir)
-    entries = sorted(output_dir.iterdir()) if output_dir.is_dir() else []
+    entries = sorted(entry for entry in output_dir.iterdir() if entry.name != LOCK_FILE) if output_dir.is_dir() else []
     if output_dir.exists() and not output_dir.is_dir():
         raise RunFolderError(f"--output {output_dir} is a file, not a folder")
     lines: list[str] = []

@@ -21,7 +21,7 @@ and calls :func:`run_training`; the engine does the rest, the same way for every
   optimizers (FSDP, DeepSpeed ZeRO) are not supported by this format;
 - exact resume from ``latest`` / ``auto`` or a checkpoint folder, under the run-folder rules
   of :func:`swintormer.core.run_control.prepare_run_folder` (a used folder is never started
-  over silently; on resume the metrics log is cut back to the checkpoint's step). The run's
+  over silently, nor one another run is writing; on resume the metrics log is cut back to the checkpoint's step). The run's
   length ``max_steps`` is part of the recipe (it sets the schedule), so a checkpoint is resumed
   only with the ``max_steps`` it was made for;
 - early stops that do not change the recipe (:class:`StopRules`): at a given step, before a
@@ -93,6 +93,7 @@ from swintormer.core.run_control import (
     EXIT_ABORTED,
     EXIT_STOPPED,
     STATE_FILE,
+    RunFolderLock,
     StopSignals,
     check_max_steps,
     cut_metrics_log,
@@ -868,7 +869,7 @@ def plan_line(max_steps: int, step: int, batch_size: int, num_processes: int, gr
     effective = batch_size * num_processes * grad_accum_steps
     cadence = f"checkpoint every {_plural(checkpoint_every, 'step')}"
     cadence += f", validation every {_plural(validate_every, 'step')}" if validate_every is not None else ", no validation"
-    return (f"training {max_steps} steps (from step {step}), batch {batch_size} per process x "
+    return (f"training {_plural(max_steps, 'step')} (from step {step}), batch {batch_size} per process x "
             f"{_plural(num_processes, 'process', 'processes')} x {_plural(grad_accum_steps, 'accumulation step')} "
             f"= effective batch {effective}; {cadence}")
 
@@ -941,7 +942,8 @@ def run_training(task: TrainingTask, config: TrainingConfig, output_dir: str | o
     ``resume``: None (``output_dir`` must be empty), ``"auto"`` (newest checkpoint of
     ``output_dir``, a fresh start when there is none), ``"latest"`` (newest checkpoint, which must
     exist) or a checkpoint folder; ``overwrite`` deletes a previous run in ``output_dir`` first
-    (:func:`~swintormer.core.run_control.prepare_run_folder`). ``run_config`` (a pydantic model)
+    (:func:`~swintormer.core.run_control.prepare_run_folder`); a folder another run is writing is
+    refused (:class:`~swintormer.core.run_control.RunFolderLock`). ``run_config`` (a pydantic model)
     is saved as ``config.yaml`` once the folder is ready. Raises :class:`NonFiniteLossError` on
     NaN/inf (no checkpoint is written for the bad step) and
     :class:`~swintormer.core.config.ConfigError` for unusable settings or folders.
@@ -949,7 +951,16 @@ def run_training(task: TrainingTask, config: TrainingConfig, output_dir: str | o
     accelerator = accelerator or make_accelerator(config)
     steps = max_steps if max_steps is not None else config.max_steps
     output_dir = Path(output_dir)
-    checkpoint = _prepare_folder(accelerator, output_dir, resume, overwrite, steps)
+    folder_lock = RunFolderLock(output_dir)  # held by the main process until the run ends
+    try:
+        checkpoint = _prepare_folder(accelerator, output_dir, resume, overwrite, steps, folder_lock)
+        return _train_in_folder(task, config, output_dir, accelerator, checkpoint, steps, stop, run_config)
+    finally:
+        folder_lock.release()
+
+
+def _train_in_folder(task: TrainingTask, config: TrainingConfig, output_dir: Path, accelerator: Accelerator,
+                     checkpoint: Path | None, steps: int, stop: StopRules | None, run_config: Any) -> TrainingResult:
     _seed_everything(config.seed + 1000 * accelerator.process_index)
     engine = _Engine(task, config, output_dir, accelerator, steps, stop)
     with stop_signals() as signals:
@@ -983,11 +994,13 @@ def run_training(task: TrainingTask, config: TrainingConfig, output_dir: str | o
 
 
 def _prepare_folder(accelerator: Accelerator, output_dir: Path, resume: str | None, overwrite: bool,
-                    max_steps: int) -> Path | None:
-    """:func:`prepare_run_folder` on the main process; its answer (or error) reaches every process."""
+                    max_steps: int, lock: RunFolderLock) -> Path | None:
+    """The main process takes the folder's lock and applies :func:`prepare_run_folder`; its
+    answer (or error) reaches every process."""
     answer: list[Any] = [None]
     if accelerator.is_main_process:
         try:
+            lock.acquire()
             checkpoint, lines = prepare_run_folder(output_dir, resume, overwrite, max_steps)
             for line in lines:
                 print(line)
