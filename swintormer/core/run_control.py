@@ -13,8 +13,8 @@ This module holds what the training engine and the prior-cache job need for that
   receive it twice.
 - :func:`parse_duration` for ``--time-limit`` (``3h50m``, ``90m``, ``45s``, ``5400``) and
   :func:`seconds_since_process_start`, the clock a time limit is counted on.
+- :class:`RunFolderLock`, which keeps a second job out of a folder one is writing;
 - :func:`prepare_run_folder`: the rules that keep two runs out of one folder (see its docstring),
-  and :class:`RunFolderLock`, which keeps a second process out of a folder a run is writing,
   :func:`cut_metrics_log` and :func:`write_status` (``RUN_DIR/status.json``, which tells a job
   script whether the run finished, stopped early or failed, also when a launcher replaces the
   process's exit code by its own).

@@ -21,9 +21,9 @@ and calls :func:`run_training`; the engine does the rest, the same way for every
   optimizers (FSDP, DeepSpeed ZeRO) are not supported by this format;
 - exact resume from ``latest`` / ``auto`` or a checkpoint folder, under the run-folder rules
   of :func:`swintormer.core.run_control.prepare_run_folder` (a used folder is never started
-  over silently, nor one another run is writing; on resume the metrics log is cut back to the checkpoint's step). The run's
-  length ``max_steps`` is part of the recipe (it sets the schedule), so a checkpoint is resumed
-  only with the ``max_steps`` it was made for;
+  over silently, nor one another run is writing; on resume the metrics log is cut back to the
+  checkpoint's step). The run's length ``max_steps`` is part of the recipe (it sets the
+  schedule), so a checkpoint is resumed only with the ``max_steps`` it was made for;
 - early stops that do not change the recipe (:class:`StopRules`): at a given step, before a
   time limit (the margin is estimated from the measured step, checkpoint and validation
   times), or on SIGTERM / SIGINT / SIGUSR1 (after the optimizer step in progress). Every step
