@@ -94,6 +94,9 @@ class DataSection(StrictModel):
     # validation split becomes a fixed set of degraded centre crops of this side.
     degradation: DegradationConfig | None = None
     validation_crop: int = Field(256, gt=0)
+    # Draws the validation crops' degradations: kept apart from train.seed, so that runs trained
+    # with other seeds (a second run from init_from, say) are scored on the same images.
+    validation_seed: int = 0
 
 
 class ValidationSection(StrictModel):
@@ -199,7 +202,7 @@ def build_datasets(config: SwintormerTrainConfig, train_split: Path, val_split: 
         val_set = None
         if val_split is not None:
             val_set = DegradedImageDataset(discover_photos(val_split), data.validation_crop, data.degradation,
-                                           seed=config.train.seed)
+                                           seed=data.validation_seed)
         return train_set, val_set
     from swintormer.core.data.paired import PairedImageDataset, PairedPatchDataset
 

@@ -137,6 +137,26 @@ def test_init_from_starts_a_new_schedule_from_a_saved_model(synthetic, tmp_path,
     assert not (tmp_path / "other/checkpoints").exists()
 
 
+def test_validation_crops_of_photos_degraded_on_the_fly_do_not_depend_on_the_training_seed(tmp_path):
+    from skimage import data as photos
+
+    from swintormer.core.image_io import write_image
+
+    for split, images in (("train", [photos.astronaut(), photos.coffee()]), ("test", [photos.chelsea()])):
+        for index, image in enumerate(images):
+            write_image(tmp_path / "photos" / split / f"p{index}.png", image[:96, :96].astype(np.float32) / 255)
+
+    def input_psnr(name: str, *overrides: str) -> float:
+        assert main(["--config", TINY, "--data", str(tmp_path / "photos"), "--output", str(tmp_path / name),
+                     "--max-steps", "1", *QUIET, "train.batch_size=2", "data.degradation={}",
+                     "data.validation_crop=64", *overrides]) == 0
+        return validation_lines(tmp_path / name)[-1]["val/input_psnr"]
+
+    first = input_psnr("seed0")
+    assert input_psnr("seed1", "train.seed=1") == first  # the same degraded crops
+    assert input_psnr("other", "data.validation_seed=1") != first
+
+
 def test_user_errors_exit_2_before_training(synthetic, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["--config", TINY, "--data", str(synthetic), "--output", str(run), "train.optimizer.lrr=1"]) == 2
