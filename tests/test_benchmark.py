@@ -86,6 +86,9 @@ def test_every_row_trains_with_the_same_budget_and_only_its_own_change(quick_run
     assert configs["window_s0"]["model"]["overrides"]["attention"] == "window"
     assert configs["no_prior_s0"]["model"]["in_channels"] == 3
     assert configs["loss_vgg_s0"]["loss"]["vgg"]["weight"] == 0.01
+    for name, config in configs.items():  # before the loop below blanks what differs (base included)
+        if not name.startswith("no_prior"):  # a prior row records the settings of the cache it read
+            assert config["data"]["prior"]["expected"]["steps"] == (2 if name.startswith("prior_T2") else 4), name
     for name, config in configs.items():
         if name.startswith(("window", "channel")):
             config["model"]["overrides"].pop("attention")
@@ -95,8 +98,6 @@ def test_every_row_trains_with_the_same_budget_and_only_its_own_change(quick_run
             config["model"]["preset"] = base["model"]["preset"]
         if name.startswith("loss"):
             config["loss"] = base["loss"]
-        if not name.startswith("no_prior"):  # a prior row records the settings of the cache it read
-            assert config["data"]["prior"]["expected"]["steps"] == (2 if name.startswith("prior_T2") else 4), name
         for config_part in (config, base):
             config_part["output_dir"] = None
             config_part["data"]["prior"]["path"] = None  # T differs between prior rows: checked below

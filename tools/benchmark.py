@@ -92,6 +92,8 @@ class Profile:
     strides: tuple[int, int]  # the inference ablation's two sliding-window strides
     speed_image: int  # side of the square image for the per-architecture inference cost
     forward_runs: int
+    forward_size: int  # side of the square input of the `paper` forward timing
+    forward_warmup: int
     deblur_sizes: tuple[tuple[int, int], ...]  # (width, height) for the speed table
     records: bool  # also run the standalone measurement tools (prior sampling, cache kill/resume, training step)
     default_eval_options: tuple[str, ...] = ()  # extra options of tools/evaluate_default_model.py
@@ -106,7 +108,7 @@ PROFILES = {
         prior_vq_config="configs/benchmark/prior_vq_full.yaml",
         prior_unet_config="configs/benchmark/prior_unet_full.yaml",
         prior_steps=(5, 10, 20, 50), headline_steps=50, seeds=(0, 1), strides=(48, 32),
-        speed_image=512, forward_runs=10, deblur_sizes=((1680, 1120), (3840, 2160)), records=True,
+        speed_image=512, forward_runs=10, forward_size=256, forward_warmup=3, deblur_sizes=((1680, 1120), (3840, 2160)), records=True,
     ),
     "quick": Profile(
         name="quick", max_size=64, train_per_image=1, test_per_image=1,
@@ -114,7 +116,7 @@ PROFILES = {
         prior_vq_config="configs/benchmark/prior_vq_quick.yaml",
         prior_unet_config="configs/benchmark/prior_unet_quick.yaml",
         prior_steps=(2, 4), headline_steps=4, seeds=(0,), strides=(24, 16),
-        speed_image=128, forward_runs=2, deblur_sizes=((384, 256),), records=False,
+        speed_image=128, forward_runs=2, forward_size=64, forward_warmup=1, deblur_sizes=((256, 192),), records=False,
         default_eval_options=("--crop", "96", "--radii", "4", "--sheet-tile", "64"),
         default_speed_sizes=((384, 256),),
     ),
@@ -571,8 +573,10 @@ def speed_table(bench: Bench, profile: Profile) -> dict[str, Any]:
     """The ``paper`` forward (tools/benchmark_forward.py) and the deblur command on large images."""
     forward_json = bench.work / "speed" / "forward.json"
     forward_json.parent.mkdir(exist_ok=True)
-    bench.run("speed_forward", [PYTHON, "tools/benchmark_forward.py", "--preset", "paper", "--runs",
-                                str(profile.forward_runs), "--json", str(forward_json)])
+    side = str(profile.forward_size)
+    bench.run("speed_forward", [PYTHON, "tools/benchmark_forward.py", "--preset", "paper", "--size", side, side,
+                                "--warmup", str(profile.forward_warmup), "--runs", str(profile.forward_runs),
+                                "--json", str(forward_json)])
     forward = json.loads(forward_json.read_text())
     model = bench.work / "speed" / "paper_random"
     images = bench.work / "speed" / "images"
@@ -833,7 +837,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         return "\n".join(out)
     speed = results["speed"]
     add("## Speed: the `paper` preset (25.18 M parameters)\n")
-    add(f"`{speed['forward_command']}` (batch 1, 6×256×256, median after warm-up, each precision in a fresh process):\n")
+    shape = "×".join(str(n) for n in speed["forward"]["cases"][0]["input"])
+    add(f"`{speed['forward_command']}` (input {shape}, median after warm-up, each precision in a fresh process):\n")
     add("| precision | median | min | peak RSS | matmul rate, same process |")
     add("| --- | --- | --- | --- | --- |")
     for case in speed["forward"]["cases"]:

@@ -34,9 +34,13 @@ import os
 import warnings
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from skimage.metrics import structural_similarity
+
+if TYPE_CHECKING:  # torch is imported where LPIPS needs it: PSNR/SSIM/MAE scoring starts without it
+    import torch
 
 PSNR_CAP_DB = 100.0
 ALEXNET_CHECKPOINT_NAME = "alexnet-owt-7be5be79.pth"
@@ -85,6 +89,8 @@ class LPIPSWeightsMissing(FileNotFoundError):
 
 def default_alexnet_paths() -> list[Path]:
     """Where AlexNet weights are looked for when no path is given: the torch hub cache."""
+    import torch
+
     return [Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_CHECKPOINT_NAME]
 
 
@@ -105,6 +111,8 @@ def find_alexnet_weights(path: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -130,6 +138,7 @@ class LPIPSMetric:
     def __init__(self, alexnet_weights: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu"):
         self.weights_path = find_alexnet_weights(alexnet_weights)
         import lpips  # after the weights check: importing it (and torchvision) takes seconds
+        import torch
 
         self.device = torch.device(device)
         with warnings.catch_warnings():
@@ -154,12 +163,14 @@ class LPIPSMetric:
         model.net.load_state_dict(trunk, strict=True)
         self.model = model.to(self.device).eval()
 
-    @torch.no_grad()
     def __call__(self, restored: np.ndarray, target: np.ndarray) -> float:
+        import torch
+
         restored, target = _check_pair(restored, target)
 
         def to_tensor(image: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None].to(self.device)
 
-        distance = self.model(to_tensor(restored), to_tensor(target), normalize=True)
+        with torch.no_grad():
+            distance = self.model(to_tensor(restored), to_tensor(target), normalize=True)
         return float(distance.reshape(-1)[0].item())
