@@ -116,7 +116,7 @@ PROFILES = {
         prior_vq_config="configs/benchmark/prior_vq_quick.yaml",
         prior_unet_config="configs/benchmark/prior_unet_quick.yaml",
         prior_steps=(2, 4), headline_steps=4, seeds=(0,), strides=(24, 16),
-        speed_image=128, forward_runs=2, forward_size=64, forward_warmup=1, deblur_sizes=((256, 192),), records=False,
+        speed_image=128, forward_runs=1, forward_size=64, forward_warmup=1, deblur_sizes=((256, 192),), records=False,
         default_eval_options=("--crop", "96", "--radii", "4", "--sheet-tile", "64"),
         default_speed_sizes=((384, 256),),
     ),
