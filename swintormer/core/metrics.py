@@ -33,7 +33,6 @@ import math
 import os
 import warnings
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
