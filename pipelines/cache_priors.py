@@ -257,21 +257,20 @@ def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling, 
     settings = CacheSettings(prior_fingerprint=model.fingerprint(), sampling=sampling.as_metadata(), seed=args.seed)
     # Two jobs building one cache would sample the same entries twice; the second is refused.
     lock = RunFolderLock(args.out, what="prior cache")
-    failure = None
-    if state.is_main_process:
-        try:
-            lock.acquire()
-            prepare_cache(args.out, settings, args.data)
-        except (PriorCacheError, RunFolderError) as exc:
-            failure = str(exc)
-    if state.num_processes > 1:  # every process learns the main process's answer
-        from accelerate.utils import broadcast_object_list
-
-        failure = broadcast_object_list([failure])[0]
-    if failure:
-        lock.release()
-        raise UserError(failure)
     try:
+        failure = None
+        if state.is_main_process:
+            try:
+                lock.acquire()
+                prepare_cache(args.out, settings, args.data)
+            except (PriorCacheError, RunFolderError) as exc:
+                failure = str(exc)
+        if state.num_processes > 1:  # every process learns the main process's answer
+            from accelerate.utils import broadcast_object_list
+
+            failure = broadcast_object_list([failure])[0]
+        if failure:
+            raise UserError(failure)
         return _sample_shard(args, images, state, model, sampling, settings, signals)
     finally:
         lock.release()
