@@ -247,7 +247,7 @@ def _build(args: argparse.Namespace, images: list[Path]) -> int:
 def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling, signals) -> int:
     from ldm_prior.cache import CacheSettings, PriorCacheError, prepare_cache
     from ldm_prior.model import load_prior
-    from swintormer.core.run_control import RunFolderError, RunFolderLock
+    from swintormer.core.run_control import RunFolderError, RunFolderLock, answer_from_main_process
 
     try:
         model = load_prior(args.prior)
@@ -257,19 +257,13 @@ def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling, 
     settings = CacheSettings(prior_fingerprint=model.fingerprint(), sampling=sampling.as_metadata(), seed=args.seed)
     # Two jobs building one cache would sample the same entries twice; the second is refused.
     lock = RunFolderLock(args.out, what="prior cache")
-    try:
-        failure = None
-        if state.is_main_process:
-            try:
-                lock.acquire()
-                prepare_cache(args.out, settings, args.data)
-            except (PriorCacheError, RunFolderError) as exc:
-                failure = str(exc)
-        if state.num_processes > 1:  # every process learns the main process's answer
-            from accelerate.utils import broadcast_object_list
+    def take_cache() -> None:
+        lock.acquire()
+        prepare_cache(args.out, settings, args.data)
 
-            failure = broadcast_object_list([failure])[0]
-        if failure:
+    try:
+        _, failure = answer_from_main_process(state, take_cache, catch=(PriorCacheError, RunFolderError))
+        if failure is not None:
             raise UserError(failure)
         return _sample_shard(args, images, state, model, sampling, settings, signals)
     finally:

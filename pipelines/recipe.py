@@ -895,18 +895,17 @@ class Recipe:
     def run(self) -> int:
         """Run the steps in order; ``DIR/status.json`` says how it ended (for job scripts, whose
         launcher may replace the exit code)."""
-        from swintormer.core.run_control import RunFolderError, RunFolderLock
+        from swintormer.core.run_control import RunFolderError, RunFolderLock, answer_from_main_process
 
         # A second recipe on this folder would start the same steps beside the first one.
         lock = RunFolderLock(self.output, what="recipe folder")
-        refused = 0
-        if self.state.is_main_process:
-            try:
-                lock.acquire()
-            except RunFolderError as exc:
-                self.say(f"error: {exc}", error=True)
-                refused = EXIT_BAD_SETTINGS
-        if self._agree(refused):
+
+        def take_lock() -> None:
+            lock.acquire()
+
+        _, refused = answer_from_main_process(self.state, take_lock, catch=(RunFolderError,))
+        if refused is not None:
+            self.say(f"error: {refused}", error=True)
             return EXIT_BAD_SETTINGS
         try:
             return self._run_locked()

@@ -336,6 +336,38 @@ def test_a_used_run_folder_is_refused_without_resume_or_overwrite(tmp_path):
         train(tmp_path, "empty", 6, resume="latest")
 
 
+def test_the_main_process_alone_acts_and_every_process_learns_its_answer(monkeypatch):
+    """How a folder's lock and checks reach every process: the action runs on the main process
+    only; a caught error becomes a message for all; the other processes get what it broadcast."""
+    import accelerate.utils
+    from types import SimpleNamespace
+
+    calls = []
+
+    def take() -> str:
+        calls.append("took")
+        return "checkpoint"
+
+    def refuse() -> str:
+        raise ConfigError("in use by pid 7")
+
+    main = SimpleNamespace(is_main_process=True, num_processes=1)
+    assert run_control.answer_from_main_process(main, take, catch=(ConfigError,)) == ("checkpoint", None)
+    assert run_control.answer_from_main_process(main, refuse, catch=(ConfigError,)) == (None, "in use by pid 7")
+    with pytest.raises(ZeroDivisionError):  # errors not listed are not swallowed
+        run_control.answer_from_main_process(main, lambda: 1 / 0, catch=(ConfigError,))
+
+    # A second process never runs the action; it receives the main process's answer.
+    sent = [("checkpoint", None)]
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda answer: answer.__setitem__(0, sent[0]))
+    other = SimpleNamespace(is_main_process=False, num_processes=2)
+    calls.clear()
+    assert run_control.answer_from_main_process(other, take, catch=(ConfigError,)) == ("checkpoint", None)
+    sent[0] = (None, "in use by pid 7")
+    assert run_control.answer_from_main_process(other, take, catch=(ConfigError,)) == (None, "in use by pid 7")
+    assert calls == []
+
+
 def test_overwrite_deletes_the_previous_run_and_nothing_else(tmp_path):
     run = tmp_path / "run"
     train(tmp_path, "run", 6, stop_after=4, checkpoint={"every_steps": 1, "keep_last": 5})

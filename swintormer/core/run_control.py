@@ -13,7 +13,9 @@ This module holds what the training engine and the prior-cache job need for that
   receive it twice.
 - :func:`parse_duration` for ``--time-limit`` (``3h50m``, ``90m``, ``45s``, ``5400``) and
   :func:`seconds_since_process_start`, the clock a time limit is counted on.
-- :class:`RunFolderLock`, which keeps a second job out of a folder one is writing;
+- :class:`RunFolderLock`, which keeps a second job out of a folder one is writing, and
+  :func:`answer_from_main_process`, by which the main process alone takes such a lock or checks
+  a folder and every process learns the outcome;
 - :func:`prepare_run_folder`: the rules that keep two runs out of one folder (see its docstring),
   :func:`cut_metrics_log` and :func:`write_status` (``RUN_DIR/status.json``, which tells a job
   script whether the run finished, stopped early or failed, also when a launcher replaces the
@@ -30,10 +32,10 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from swintormer.core.config import ConfigError
 from swintormer.core.files import TEMPORARY_SUFFIX, atomic_write_text, remove_stale_temporaries
@@ -50,6 +52,7 @@ __all__ = [
     "seconds_since_process_start",
     "RunFolderError",
     "RunFolderLock",
+    "answer_from_main_process",
     "check_max_steps",
     "prepare_run_folder",
     "cut_metrics_log",
@@ -261,6 +264,32 @@ class RunFolderLock:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.release()
+
+
+T = TypeVar("T")
+
+
+def answer_from_main_process(state: Any, action: Callable[[], T],
+                             catch: tuple[type[Exception], ...]) -> tuple[T | None, str | None]:
+    """Run ``action`` on the main process only and give every process its outcome.
+
+    ``state`` is an ``accelerate`` ``Accelerator`` or ``PartialState``. Returns ``(result,
+    None)``, or ``(None, message)`` when ``action`` raised one of ``catch``. Taking a folder's
+    lock and checking its contents must happen once, but every process must learn the answer:
+    a process that went on alone while the main process stopped would wait for it forever. The
+    result must be picklable (it is broadcast).
+    """
+    answer: list[tuple[T | None, str | None]] = [(None, None)]
+    if state.is_main_process:
+        try:
+            answer = [(action(), None)]
+        except catch as exc:
+            answer = [(None, str(exc))]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(answer)
+    return answer[0]
 
 
 def _complete_checkpoints(output_dir: Path) -> list[Path]:

@@ -78,7 +78,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -95,6 +95,7 @@ from swintormer.core.run_control import (
     STATE_FILE,
     RunFolderLock,
     StopSignals,
+    answer_from_main_process,
     check_max_steps,
     cut_metrics_log,
     prepare_run_folder,
@@ -997,22 +998,17 @@ def _prepare_folder(accelerator: Accelerator, output_dir: Path, resume: str | No
                     max_steps: int, lock: RunFolderLock) -> Path | None:
     """The main process takes the folder's lock and applies :func:`prepare_run_folder`; its
     answer (or error) reaches every process."""
-    answer: list[Any] = [None]
-    if accelerator.is_main_process:
-        try:
-            lock.acquire()
-            checkpoint, lines = prepare_run_folder(output_dir, resume, overwrite, max_steps)
-            for line in lines:
-                print(line)
-            answer = [("ok", str(checkpoint) if checkpoint is not None else None)]
-        except ConfigError as exc:
-            answer = [("error", str(exc))]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(answer)
-    kind, value = answer[0]
-    if kind == "error":
-        raise ConfigError(value)
-    return Path(value) if value is not None else None
+    def take_folder() -> str | None:
+        lock.acquire()
+        checkpoint, lines = prepare_run_folder(output_dir, resume, overwrite, max_steps)
+        for line in lines:
+            print(line)
+        return str(checkpoint) if checkpoint is not None else None
+
+    checkpoint, error = answer_from_main_process(accelerator, take_folder, catch=(ConfigError,))
+    if error is not None:
+        raise ConfigError(error)
+    return Path(checkpoint) if checkpoint is not None else None
 
 
 def _final_status(accelerator: Accelerator, output_dir: Path, state: str, engine: _Engine, max_steps: int,
