@@ -257,6 +257,7 @@ def _build_shard(args: argparse.Namespace, images: list[Path], state, sampling, 
     settings = CacheSettings(prior_fingerprint=model.fingerprint(), sampling=sampling.as_metadata(), seed=args.seed)
     # Two jobs building one cache would sample the same entries twice; the second is refused.
     lock = RunFolderLock(args.out, what="prior cache")
+
     def take_cache() -> None:
         lock.acquire()
         prepare_cache(args.out, settings, args.data)

@@ -353,6 +353,7 @@ def test_the_main_process_alone_acts_and_every_process_learns_its_answer(monkeyp
 
     main = SimpleNamespace(is_main_process=True, num_processes=1)
     assert run_control.answer_from_main_process(main, take, catch=(ConfigError,)) == ("checkpoint", None)
+    assert calls == ["took"]
     assert run_control.answer_from_main_process(main, refuse, catch=(ConfigError,)) == (None, "in use by pid 7")
     with pytest.raises(ZeroDivisionError):  # errors not listed are not swallowed
         run_control.answer_from_main_process(main, lambda: 1 / 0, catch=(ConfigError,))
