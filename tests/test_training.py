@@ -339,8 +339,9 @@ def test_a_used_run_folder_is_refused_without_resume_or_overwrite(tmp_path):
 def test_the_main_process_alone_acts_and_every_process_learns_its_answer(monkeypatch):
     """How a folder's lock and checks reach every process: the action runs on the main process
     only; a caught error becomes a message for all; the other processes get what it broadcast."""
-    import accelerate.utils
     from types import SimpleNamespace
+
+    import accelerate.utils
 
     calls = []
 
